@@ -1,0 +1,82 @@
+"""Settings in one place: model, engine, Redis, profile, cache dir, and the constants labs share.
+
+Every value can come from an argument, else from an environment variable, else a default:
+
+| setting | env var          | default                                  |
+|---------|------------------|------------------------------------------|
+| model   | LABKIT_MODEL     | ``smollm2-135m`` (the bundled model)     |
+| engine  | LABKIT_ENGINE    | ``auto`` (vllm on a GPU where installed) |
+| profile | LABKIT_PROFILE   | ``auto`` (``full`` on a GPU, else ``ci``) |
+| redis   | REDIS_URL        | unset: an embedded private Redis server  |
+| home    | LABKIT_HOME      | ``$XDG_CACHE_HOME/labkit`` or ``~/.cache/labkit`` |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENGINES = ("hf", "hf-cb", "vllm", "auto")
+PROFILES = ("ci", "full", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MAX_TOKENS = 64
+SEED = 1234  # one seed for every workload and sampled request that does not set its own
+
+
+def choose(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming both."""
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def labkit_home() -> Path:
+    """The cache dir for converted and synthetic models (created on first use)."""
+    if os.environ.get("LABKIT_HOME"):
+        return Path(os.environ["LABKIT_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "labkit"
+
+
+def resolve_profile(profile: str | None = None) -> str:
+    """``ci`` (small, CPU-friendly sizes) or ``full`` (GPU sizes); ``auto`` picks by device."""
+    profile = choose(profile or os.environ.get("LABKIT_PROFILE", "auto"), PROFILES, "profile")
+    if profile != "auto":
+        return profile
+    from labkit.device import has_cuda
+
+    return "full" if has_cuda() else "ci"
+
+
+def by_profile(profile: str, *, ci, full):
+    """Pick the ``ci`` or ``full`` value of a lab size: ``by_profile(p, ci=16, full=256)``."""
+    return {"ci": ci, "full": full}[choose(profile, ("ci", "full"), "profile")]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings for one run."""
+
+    model: str
+    engine: str
+    profile: str
+    redis_url: str | None
+    home: Path
+
+
+def settings(
+    model: str | None = None,
+    engine: str | None = None,
+    profile: str | None = None,
+    redis_url: str | None = None,
+) -> Settings:
+    """Resolve settings from arguments, then environment, then defaults (see module doc)."""
+    return Settings(
+        model=model or os.environ.get("LABKIT_MODEL") or DEFAULT_MODEL,
+        engine=choose(engine or os.environ.get("LABKIT_ENGINE") or "auto", ENGINES, "engine"),
+        profile=resolve_profile(profile),
+        redis_url=redis_url or os.environ.get("REDIS_URL") or None,
+        home=labkit_home(),
+    )

@@ -1,0 +1,99 @@
+"""Every serving metric defined once, with vLLM's definitions, and the bench JSON contract.
+
+Definitions (all times in seconds, per request unless said otherwise):
+
+- TTFT  time to first token: first output token's time minus the request's start.
+- TPOT  time per output token, *excluding the first*: (last token time - first token time) /
+        (output tokens - 1). Undefined (not counted) for requests with fewer than 2 tokens.
+- ITL   inter-token latency: every gap between two consecutive output tokens of a request,
+        pooled over all requests.
+- E2E   end-to-end latency: completion ready minus request start.
+- request throughput      completed requests / wall time of the run (req/s).
+- output token throughput generated tokens / wall time of the run (tok/s).
+- goodput                 requests/s that met every given SLO (e.g. ttft_s <= 0.5).
+
+These match vLLM's ``benchmark_serving`` (its ``mean_tpot_ms`` also excludes the first token).
+Other tools differ: some call TPOT "ITL" or include the first token; say which you quote.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+STATS_KEYS = ("mean", "p50", "p90", "p99")
+
+
+def stats(values: Iterable[float | None]) -> dict[str, float]:
+    """mean, p50, p90, p99 of the defined values; NaN for each when there are none."""
+    vals = np.array([v for v in values if v is not None], dtype=float)
+    if vals.size == 0:
+        return {k: math.nan for k in STATS_KEYS}
+    p50, p90, p99 = np.percentile(vals, [50, 90, 99])
+    return {"mean": float(vals.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def summarize(completions: Sequence, duration_s: float, *, name: str,
+              batch_size: int | None = None, concurrency: int | None = None,
+              request_rate: float | None = None, slo: dict[str, float] | None = None,
+              **extra) -> dict:
+    """One ``runs[]`` entry of the bench JSON contract from completions and the run's wall time.
+
+    ``completions`` need ``ttft_s``, ``tpot_s``, ``itl_s``, ``e2e_s`` and ``output_tokens`` (the
+    engines' ``Completion`` has them). ``slo`` maps a metric name (``ttft_s``, ``tpot_s``,
+    ``e2e_s``) to a limit in seconds; a request counts towards goodput if it meets all of them.
+    """
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    n = len(completions)
+    tokens = sum(c.output_tokens for c in completions)
+    run = {
+        "name": name,
+        "batch_size": batch_size,
+        "concurrency": concurrency,
+        "request_rate": request_rate,
+        "num_requests": n,
+        "output_tokens": tokens,
+        "duration_s": duration_s,
+        "requests_per_s": n / duration_s,
+        "output_tokens_per_s": tokens / duration_s,
+        "ttft_s": stats(c.ttft_s for c in completions),
+        "tpot_s": stats(c.tpot_s for c in completions),
+        "itl_s": stats(gap for c in completions for gap in c.itl_s),
+        "e2e_s": stats(c.e2e_s for c in completions),
+    }
+    if slo:
+        good = sum(all(_meets(getattr(c, key), limit) for key, limit in slo.items())
+                   for c in completions)
+        run["slo"] = dict(slo)
+        run["goodput_requests_per_s"] = good / duration_s
+    run.update(extra)
+    return run
+
+
+def _meets(value: float | None, limit: float) -> bool:
+    return value is not None and value <= limit
+
+
+def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
+                   device: str | None = None, **extra) -> dict:
+    """The whole bench JSON object (see DESIGN.md's contract) around a list of runs."""
+    from labkit import __version__
+    from labkit.device import device_name
+
+    kinds = ("latency", "batching", "cache", "quant", "serve")
+    if kind not in kinds:
+        raise ValueError(f"unknown bench kind {kind!r}; choose one of: {', '.join(kinds)}")
+    return {
+        "bench": kind,
+        "device": device or device_name(),
+        "engine": engine,
+        "model": model,
+        "labkit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs,
+        **extra,
+    }
