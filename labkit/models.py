@@ -128,6 +128,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     # The GGUF's tokenizer metadata names <|im_start|> as EOS; the chat format (and the model's
     # own config, eos_token_id=2) end a turn with <|im_end|>, as the original SmolLM2 does.
     tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.clean_up_tokenization_spaces = False  # BPE text must round-trip unchanged
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:  # save_pretrained refuses a GGUF model
         model.hf_quantizer.remove_quantization_config(model)

@@ -1,0 +1,51 @@
+"""Engines: one interface (``Engine.generate``), three implementations, chosen by name.
+
+| name    | what                                                    | batching                 |
+|---------|---------------------------------------------------------|--------------------------|
+| ``hf``    | transformers ``generate``, left-padded static batches  | static                   |
+| ``hf-cb`` | transformers' own continuous batching manager          | continuous (iteration)   |
+| ``vllm``  | vLLM ``LLMEngine`` (paged KV cache, CUDA graphs)       | continuous (iteration)   |
+| ``auto``  | vllm on a GPU where vLLM is installed, else hf         |                          |
+
+Engines import their libraries only when chosen: ``import labkit.engines`` loads no model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from labkit.config import ENGINES, choose
+from labkit.engines.base import Completion, Engine, Request
+
+__all__ = ["Completion", "Engine", "Request", "get_engine", "resolve_engine", "vllm_available"]
+
+
+def vllm_available() -> bool:
+    """True when the vllm package is installed (found without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine(name: str) -> str:
+    """The concrete engine for a name: ``auto`` becomes vllm (GPU + vLLM) or hf."""
+    name = choose(name, ENGINES, "engine")
+    if name != "auto":
+        return name
+    from labkit.device import has_cuda
+
+    return "vllm" if has_cuda() and vllm_available() else "hf"
+
+
+def get_engine(name: str = "auto", model: str = "smollm2-135m", **kwargs) -> Engine:
+    """Build an engine by name (see the table above); ``kwargs`` go to its constructor."""
+    name = resolve_engine(name)
+    if name == "hf":
+        from labkit.engines.hf import HFEngine
+
+        return HFEngine(model, **kwargs)
+    if name == "hf-cb":
+        from labkit.engines.hf_cb import HFContinuousEngine
+
+        return HFContinuousEngine(model, **kwargs)
+    from labkit.engines.vllm import VLLMEngine
+
+    return VLLMEngine(model, **kwargs)

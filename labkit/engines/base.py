@@ -142,3 +142,15 @@ def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
     """Cut ``text`` before the first stop string; return (text, whether one was found)."""
     cut = min((i for i in (text.find(s) for s in stop or ()) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def encode_request(tokenizer, request: Request) -> list[int]:
+    """Prompt token ids: the chat template for ``messages``, the plain text for ``prompt``.
+
+    Every engine tokenizes here, so the same request is the same tokens in hf, hf-cb and vllm.
+    """
+    if request.messages is not None:
+        ids = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        return list(ids)
+    return tokenizer(request.prompt, add_special_tokens=False)["input_ids"]

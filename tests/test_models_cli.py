@@ -1,0 +1,83 @@
+"""Models without a hub, and the two commands the README promises: doctor and generate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labkit import models
+from labkit.engines import Request, get_engine
+
+TINY = ('synthetic:{"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,'
+        '"num_attention_heads":4,"num_key_value_heads":2}')
+LABKIT = [sys.executable, "-m", "labkit.cli"]
+
+
+def test_bundled_model_is_converted_once_and_reused():
+    first = models.bundled_path()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert models.bundled_path() == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_synthetic_model_has_the_asked_shape_and_runs():
+    ref = models.resolve(TINY)
+    config = json.loads((Path(ref.path) / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (64, 2)
+    assert config["vocab_size"] == 49152  # the bundled tokenizer's vocabulary
+    engine = get_engine("hf", model=TINY)
+    [c] = engine.generate([Request(prompt="hello", max_tokens=6, ignore_eos=True)])
+    assert c.output_tokens == 6
+
+
+def test_named_synthetic_shapes_match_real_models():
+    cfg = models.synthetic_config("synthetic-8b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads,
+            cfg.intermediate_size) == (4096, 32, 8, 14336)
+
+
+def test_bad_synthetic_config_names_the_problem():
+    with pytest.raises(ValueError, match="bad synthetic config"):
+        models.resolve("synthetic:{not json")
+
+
+def test_hf_id_without_network_says_how_to_get_it():
+    with pytest.raises(models.ModelNotFoundError, match="huggingface-cli download"):
+        models.load_model("no-such-org/no-such-model")
+
+
+def _run(args, timeout=180):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(LABKIT + args, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_cli_generate_answers_paris_with_timings():
+    done = _run(["generate", "What is the capital of France?", "--max-tokens", "24",
+                 "--engine", "hf"])
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+    assert "TTFT" in done.stdout and "tokens/s" in done.stdout
+
+
+def test_cli_doctor_json_has_the_facts():
+    done = _run(["doctor", "--json"])
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout)
+    for key in ("python", "torch", "transformers", "vllm", "device", "gpu_name",
+                "hbm_bytes_per_s", "peak_bf16_flops_per_s", "redis", "models"):
+        assert key in facts
+    assert facts["device"] == "cpu" and facts["vllm"] is None
+    assert facts["models"]["bundled_converted"] is True
+    assert facts["redis"]["mode"] in ("embedded", "url")
+
+
+def test_cli_bad_engine_exits_nonzero_with_choices():
+    done = _run(["generate", "hi", "--engine", "vlm"])
+    assert done.returncode != 0
+    assert "invalid choice: 'vlm'" in done.stderr
