@@ -1,0 +1,191 @@
+"""``DynamicBatcher``: many concurrent callers, one engine, batches formed on the fly.
+
+Each ``await batcher.submit(request)`` puts the request in a bounded queue and waits on its own
+future. A worker task takes the first waiting request, then keeps collecting until the batch
+holds ``max_batch_size`` requests or ``max_wait_ms`` has passed since that first one, and runs
+``engine.generate(batch)`` in a worker thread, so the event loop keeps accepting requests while
+the model runs. Each completion resolves exactly the future of the request it belongs to.
+
+Knobs and their trade-off: a larger ``max_batch_size`` raises throughput until the device is
+saturated; a longer ``max_wait_ms`` fills batches under light load but adds that much latency to
+every request that waits. Requests with different sampling parameters may share a batch: the
+engine runs each parameter group with its own settings (the ``hf`` engine as separate
+``generate`` calls, continuous engines per request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from labkit.engines.base import Completion, Engine, Request, now
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: the request was rejected at once instead of waiting without bound."""
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was shut down before this request could run."""
+
+
+DeltaCallback = Callable[[str, float], None]  # (text_delta, t_s), called on the event loop
+
+
+@dataclass
+class _Item:
+    request: Request
+    future: asyncio.Future
+    on_delta: DeltaCallback | None
+    enqueued_s: float = field(default_factory=now)
+
+
+class DynamicBatcher:
+    """Collects concurrent requests into batches for one engine (see module doc)."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_ms: float = 10.0,
+                 max_queue: int = 1024) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = max_wait_ms
+        self.max_queue = max_queue
+        self.batch_sizes: list[int] = []  # one entry per engine call, in order
+        self._pending: deque[_Item] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._running: list[_Item] = []
+        self._closed = False
+        # One thread: the engine sees one batch at a time, as a GPU would run it.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (not counting the batch that is running)."""
+        return len(self._pending)
+
+    def stats(self) -> dict:
+        """Batches run, requests served, mean batch size, size histogram, queue depth."""
+        n = len(self.batch_sizes)
+        return {"batches": n, "requests": sum(self.batch_sizes),
+                "mean_batch_size": sum(self.batch_sizes) / n if n else 0.0,
+                "batch_size_counts": dict(sorted(Counter(self.batch_sizes).items())),
+                "queue_depth": self.queue_depth}
+
+    async def submit(self, request: Request, on_delta: DeltaCallback | None = None) -> Completion:
+        """Queue ``request`` and wait for its completion.
+
+        Raises ``Overloaded`` at once when ``max_queue`` requests are already waiting, and
+        ``BatcherClosed`` if the batcher is (or gets) shut down before the request runs.
+        ``on_delta(text, t_s)`` is called on the event loop for each new piece of text.
+        """
+        if self._closed:
+            raise BatcherClosed("the batcher is shut down; no new requests are accepted")
+        if self._worker is None:
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.create_task(self._run(), name="dynamic-batcher")
+        if len(self._pending) >= self.max_queue:
+            raise Overloaded(f"overloaded: {len(self._pending)} requests already waiting "
+                             f"(max_queue={self.max_queue}); retry later")
+        item = _Item(request, asyncio.get_running_loop().create_future(), on_delta)
+        self._pending.append(item)
+        self._wakeup.set()
+        return await item.future
+
+    async def _collect(self) -> list[_Item]:
+        """The first waiting request, then more until the batch is full or the wait is over.
+
+        Requests stay in the deque until taken, so a timeout can never lose one.
+        """
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        batch = [self._pending.popleft()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_ms / 1000
+        while len(batch) < self.max_batch_size:
+            if self._pending:
+                batch.append(self._pending.popleft())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        return [item for item in batch if not item.future.done()]  # drop cancelled callers
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            self._running = batch
+            self.batch_sizes.append(len(batch))
+
+            def on_token(i: int, _tok: int, delta: str, t: float, batch=batch) -> None:
+                if batch[i].on_delta is not None and delta:
+                    loop.call_soon_threadsafe(_deliver, batch[i], delta, t)
+
+            try:
+                completions = await loop.run_in_executor(
+                    self._pool, self.engine.generate, [item.request for item in batch], on_token)
+            except Exception as err:  # the engine failed: every caller in the batch hears why
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+            else:
+                for item, completion in zip(batch, completions, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(completion)
+            finally:
+                self._running = []
+
+    async def aclose(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting, fail waiting requests with ``BatcherClosed``, finish the running batch.
+
+        The batch already in the engine is allowed ``timeout_s`` to finish; its callers then
+        get their results (or ``BatcherClosed`` if it did not finish in time).
+        """
+        self._closed = True
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(
+                    BatcherClosed("the batcher shut down before this request ran"))
+        running = [item.future for item in self._running]
+        if running:
+            await asyncio.wait(running, timeout=timeout_s)
+        for item in self._running:
+            if not item.future.done():
+                item.future.set_exception(BatcherClosed(
+                    f"the batcher shut down; this request's batch did not finish in {timeout_s} s"))
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=False)
+
+    async def __aenter__(self) -> DynamicBatcher:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+
+def _deliver(item: _Item, delta: str, t: float) -> None:
+    if item.on_delta is not None and not item.future.done():
+        item.on_delta(delta, t)

@@ -1,0 +1,160 @@
+"""DynamicBatcher: every caller gets its own completion; overload and shutdown fail clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+
+from labkit.batching import BatcherClosed, DynamicBatcher, Overloaded
+from labkit.engines import Request
+from labkit.engines.base import Completion, Engine, encode_request, now
+from labkit.equivalence import assert_same_or_near_tie
+
+TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
+          "volcanoes", "libraries", "owls", "glass", "tea", "maps", "clouds", "copper", "ants",
+          "bridges", "paper"]
+
+
+class SlowEcho(Engine):
+    """A fake engine: echoes prompts after a fixed delay, and can be held at a gate."""
+
+    name = "echo"
+
+    def __init__(self, delay_s: float = 0.05) -> None:
+        super().__init__("echo")
+        self.delay_s = delay_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[int] = []
+
+    def generate(self, requests, on_token=None):
+        start = now()
+        self.gate.wait()
+        time.sleep(self.delay_s)
+        self.calls.append(len(requests))
+        t = now()
+        return [Completion(r.request_id, r.prompt, [1], 1, "length", start, [t], t)
+                for r in requests]
+
+
+def test_200_concurrent_mixed_requests_each_get_their_own_completion(hf_engine):
+    rng = random.Random(0)
+    requests = []
+    for i in range(200):
+        topic = TOPICS[i % len(TOPICS)]
+        sampled = rng.random() < 0.3
+        requests.append(Request(
+            messages=[{"role": "user", "content": f"Say one short fact about {topic}."}],
+            max_tokens=rng.choice([3, 6]),
+            temperature=0.8 if sampled else 0.0, seed=7 if sampled else None))
+    # Reference: each topic's greedy output alone, long enough for every max_tokens above.
+    reference = {}
+    for topic in TOPICS:
+        req = Request(messages=[{"role": "user", "content": f"Say one short fact about {topic}."}],
+                      max_tokens=6)
+        reference[topic] = (encode_request(hf_engine.tokenizer, req),
+                            hf_engine.generate([req])[0].token_ids)
+
+    async def main():
+        async with DynamicBatcher(hf_engine, max_batch_size=16, max_wait_ms=20) as batcher:
+            results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+            return results, batcher.stats()
+
+    results, stats = asyncio.run(main())
+    assert len(results) == 200
+    assert [c.request_id for c in results] == [r.request_id for r in requests]  # own, once each
+    assert len({c.request_id for c in results}) == 200
+    assert stats["requests"] == 200 and stats["mean_batch_size"] > 1
+    eos = hf_engine.tokenizer.eos_token_id
+    for i, (req, got) in enumerate(zip(requests, results)):
+        assert got.output_tokens <= req.max_tokens
+        if req.greedy:
+            prompt_ids, ref = reference[TOPICS[i % len(TOPICS)]]
+            assert_same_or_near_tie(hf_engine.model, prompt_ids, ref[:req.max_tokens],
+                                    got.token_ids, eos, label=f"request {i}")
+
+
+def test_full_queue_rejects_with_overloaded():
+    engine = SlowEcho()
+    engine.gate.clear()  # hold the first batch in the engine
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=2, max_wait_ms=0, max_queue=4)
+        tasks = [asyncio.create_task(batcher.submit(Request(prompt=f"p{i}"))) for i in range(10)]
+        await asyncio.sleep(0.2)
+        engine.gate.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.aclose()
+        return done
+
+    done = asyncio.run(main())
+    overloaded = [d for d in done if isinstance(d, Overloaded)]
+    served = [d for d in done if isinstance(d, Completion)]
+    assert overloaded and served and len(overloaded) + len(served) == 10
+    assert "max_queue=4" in str(overloaded[0])
+    assert sorted(c.text for c in served) == sorted({c.text for c in served})  # no duplicates
+
+
+def test_shutdown_fails_waiting_requests_instead_of_hanging():
+    engine = SlowEcho(delay_s=0.0)
+    engine.gate.clear()
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=1, max_wait_ms=0)
+        tasks = [asyncio.create_task(batcher.submit(Request(prompt=f"p{i}"))) for i in range(5)]
+        await asyncio.sleep(0.1)  # first request is in the engine, four wait
+        closing = asyncio.create_task(batcher.aclose(timeout_s=5))
+        await asyncio.sleep(0.1)
+        engine.gate.set()  # let the running batch finish
+        await closing
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        with pytest.raises(BatcherClosed, match="shut down"):
+            await batcher.submit(Request(prompt="late"))
+        return results
+
+    results = asyncio.run(asyncio.wait_for(main(), timeout=10))
+    assert isinstance(results[0], Completion)  # the running batch finished normally
+    assert all(isinstance(r, BatcherClosed) for r in results[1:])
+
+
+def test_event_loop_stays_responsive_while_engine_runs():
+    engine = SlowEcho(delay_s=0.5)
+
+    async def main():
+        batcher = DynamicBatcher(engine, max_batch_size=4, max_wait_ms=0)
+        job = asyncio.create_task(batcher.submit(Request(prompt="x")))
+        ticks = 0
+        t0 = time.perf_counter()
+        while not job.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        await batcher.aclose()
+        return ticks, time.perf_counter() - t0
+
+    ticks, elapsed = asyncio.run(main())
+    assert elapsed >= 0.5 and ticks >= 20  # the loop ran other work during the 0.5 s generate
+
+
+def test_batches_respect_max_batch_size_and_wait():
+    engine = SlowEcho(delay_s=0.01)
+
+    async def main():
+        async with DynamicBatcher(engine, max_batch_size=8, max_wait_ms=50) as batcher:
+            await asyncio.gather(*(batcher.submit(Request(prompt=str(i))) for i in range(20)))
+            return batcher.stats()
+
+    stats = asyncio.run(main())
+    assert max(engine.calls) <= 8 and sum(engine.calls) == 20
+    assert engine.calls[0] == 8  # 20 arrivals at once: the first batch fills up
+
+
+@pytest.mark.parametrize("kw, message", [(dict(max_batch_size=0), "max_batch_size"),
+                                         (dict(max_wait_ms=-1), "max_wait_ms"),
+                                         (dict(max_queue=0), "max_queue")])
+def test_bad_settings_are_rejected(kw, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicBatcher(SlowEcho(), **kw)
