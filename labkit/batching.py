@@ -121,7 +121,7 @@ class DynamicBatcher:
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return [item for item in batch if not item.future.done()]  # drop cancelled callers
 

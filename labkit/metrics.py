@@ -66,12 +66,20 @@ def summarize(completions: Sequence, duration_s: float, *, name: str,
         "e2e_s": stats(c.e2e_s for c in completions),
     }
     if slo:
-        good = sum(all(_meets(getattr(c, key), limit) for key, limit in slo.items())
+        good = sum(all(_meets(_slo_value(c, key), limit) for key, limit in slo.items())
                    for c in completions)
         run["slo"] = dict(slo)
         run["goodput_requests_per_s"] = good / duration_s
     run.update(extra)
     return run
+
+
+def _slo_value(completion, key: str) -> float | None:
+    """A request's value for an SLO; like vLLM, a request with < 2 tokens has TPOT 0 there."""
+    value = getattr(completion, key)
+    if key == "tpot_s" and value is None:
+        return 0.0
+    return value
 
 
 def _meets(value: float | None, limit: float) -> bool:
@@ -93,7 +101,7 @@ def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
         "engine": engine,
         "model": model,
         "labkit_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "runs": runs,
         **extra,
     }

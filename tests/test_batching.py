@@ -148,6 +148,7 @@ def test_batches_respect_max_batch_size_and_wait():
             return batcher.stats()
 
     stats = asyncio.run(main())
+    assert stats["batches"] == len(engine.calls)
     assert max(engine.calls) <= 8 and sum(engine.calls) == 20
     assert engine.calls[0] == 8  # 20 arrivals at once: the first batch fills up
 

@@ -123,7 +123,7 @@ class Engine(ABC):
         """One tiny generation, so later timings exclude lazy init and compilation."""
         self.generate([Request(prompt="Hello", max_tokens=4)])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (engines without resources need no close)
         """Free the model's memory."""
 
     def __enter__(self) -> Engine:

@@ -4,8 +4,9 @@ A static batch starts together and returns together: every request waits for the
 and padding tokens cost compute. Requests whose sampling parameters differ run as separate
 ``generate`` calls (one GenerationConfig per call), so each gets exactly what it asked for.
 
-``static_cache=True`` pre-allocates the KV cache at a fixed size and ``compile=True`` compiles the
-decode step (CUDA graphs on a GPU): the gpt-fast recipe, for the profiling lab's speed paths.
+``static_cache=True`` switches from ``generate`` to labkit's lean decode loop over a fixed-size KV
+cache, and ``compile=True`` also compiles its decode step into a CUDA graph: the gpt-fast recipe
+(see ``static_decode.py``), for the profiling lab's speed paths.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from collections.abc import Sequence
 import torch
 
 from labkit.config import SEED
-from labkit.engines.base import (Completion, Engine, Request, TokenCallback, encode_request,
-                                 now, truncate_at_stop)
+from labkit.engines.base import (
+    Completion,
+    Engine,
+    Request,
+    TokenCallback,
+    encode_request,
+    now,
+    truncate_at_stop,
+)
+from labkit.engines.static_decode import StaticDecoder
 
 
 class _Tracker:
@@ -64,10 +73,14 @@ class _Tracker:
         if len(self.tokens[i]) >= req.max_tokens:
             self.finish[i] = "length"
 
+    @property
+    def all_done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
     # --- StoppingCriteria protocol: stop the whole batch once every row is done ---
     def __call__(self, input_ids: torch.Tensor, scores=None, **kw) -> torch.Tensor:
-        done = all(f is not None for f in self.finish)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.all_done, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class HFEngine(Engine):
@@ -82,9 +95,9 @@ class HFEngine(Engine):
         super().__init__(model, device, dtype)
         self.model, self.tokenizer, self.ref = load_model(model, device, dtype)
         self.device = self.model.device
-        self.static_cache = static_cache
-        if compile:
-            self.model.forward = torch.compile(self.model.forward, mode="reduce-overhead")
+        if compile and not static_cache:
+            raise ValueError("compile=True needs static_cache=True (CUDA graphs need fixed shapes)")
+        self.decoder = StaticDecoder(self.model, compile=compile) if static_cache else None
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -109,6 +122,16 @@ class HFEngine(Engine):
         tracker = _Tracker(self, reqs, _remap(on_token, idx), 0)
         first = reqs[0]
         max_new = max(r.max_tokens for r in reqs)
+        if self.decoder is not None:
+            tracker.prompt_seen = True
+            generator = None if first.greedy else torch.Generator(self.device).manual_seed(
+                first.seed if first.seed is not None else SEED)
+            self.decoder.generate(prompts, self.tokenizer.pad_token_id, max_new,
+                                  pick=lambda logits: pick_token(logits, first, generator),
+                                  on_step=lambda toks: tracker.put(toks) or tracker.all_done)
+            end = now()
+            return [self._completion(r, len(p), tracker, i, start, end)
+                    for i, (r, p) in enumerate(zip(reqs, prompts))]
         kwargs = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
                       streamer=tracker, stopping_criteria=[tracker])
         if first.greedy:
@@ -119,8 +142,6 @@ class HFEngine(Engine):
                           top_k=None)
         if first.ignore_eos:
             kwargs["min_new_tokens"] = max_new
-        if self.static_cache:
-            kwargs["cache_implementation"] = "static"
         self.model.generate(**batch, **kwargs)
         end = now()
         return [self._completion(r, len(p), tracker, i, start, end)
@@ -146,3 +167,16 @@ def _remap(on_token: TokenCallback | None, idx: list[int]) -> TokenCallback | No
     if on_token is None:
         return None
     return lambda i, tok, delta, t: on_token(idx[i], tok, delta, t)
+
+
+def pick_token(logits: torch.Tensor, req: Request, generator=None) -> torch.Tensor:
+    """Next token per row: arg-max when greedy, else temperature + top-p (nucleus) sampling."""
+    if req.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / req.temperature, dim=-1)
+    if req.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > req.top_p  # keep the smallest set above top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

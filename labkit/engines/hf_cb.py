@@ -18,8 +18,15 @@ from collections.abc import Sequence
 import torch
 
 from labkit.config import SEED
-from labkit.engines.base import (Completion, Engine, Request, TokenCallback, encode_request,
-                                 now, truncate_at_stop)
+from labkit.engines.base import (
+    Completion,
+    Engine,
+    Request,
+    TokenCallback,
+    encode_request,
+    now,
+    truncate_at_stop,
+)
 
 
 class HFContinuousEngine(Engine):
@@ -45,8 +52,8 @@ class HFContinuousEngine(Engine):
                                pad_token_id=self.tokenizer.pad_token_id)
         if num_blocks is None and self.model.device.type == "cpu":
             num_blocks = 64  # the default sizes the paged cache from free memory: GBs on a CPU
-        cb = ContinuousBatchingConfig(per_request_processors=True, max_batch_tokens=max_batch_tokens,
-                                      num_blocks=num_blocks)
+        cb = ContinuousBatchingConfig(per_request_processors=True,
+                                      max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
         self.manager = self.model.init_continuous_batching(generation_config=gen,
                                                            continuous_batching_config=cb)
         self.manager.start()

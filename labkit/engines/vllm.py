@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from labkit.config import SEED
-from labkit.engines.base import (Completion, Engine, Request, TokenCallback, encode_request,
-                                 now)
+from labkit.engines.base import Completion, Engine, Request, TokenCallback, encode_request, now
 
 
 @dataclass
