@@ -53,6 +53,68 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _engine_kwargs(args) -> dict:
+    """Engine options given on the command line (only those set)."""
+    kw = {}
+    if args.static_cache:
+        kw["static_cache"] = True
+    if args.compile:
+        kw["compile"] = True
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    if args.prefix_caching is not None:
+        kw["enable_prefix_caching"] = args.prefix_caching == "on"
+    if args.quantization:
+        kw["quantization"] = args.quantization
+    return kw
+
+
+def _cmd_bench(args) -> int:
+    from labkit.bench import int_list, write_json
+
+    kind, json_path = args.kind, args.json
+    if kind == "latency":
+        from labkit.bench import run_latency_bench
+
+        doc = run_latency_bench(args.engine, args.model, num_requests=args.num_requests or 4,
+                                prompt_lens=int_list(args.prompt_lens),
+                                out_lens=int_list(args.out_lens), **_engine_kwargs(args))
+    elif kind == "batching":
+        from labkit.batching_bench import run_batching_bench
+
+        extra = {"batch_sizes": int_list(args.batch_sizes)} if args.batch_sizes else {}
+        if args.concurrencies:
+            extra["concurrencies"] = int_list(args.concurrencies)
+        if args.num_requests:
+            extra["num_requests"] = args.num_requests
+        doc = run_batching_bench(engine=args.engine, model=args.model, **extra)
+    elif kind == "cache":
+        from labkit.cache import run_cache_bench
+
+        doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
+                              repeat_fraction=args.repeat_fraction)
+    elif kind == "quant":
+        from labkit.quant import run_quant_bench
+
+        methods = args.methods.split(",") if args.methods else None
+        doc = run_quant_bench(args.model, methods=methods)
+    else:  # serve
+        from labkit.serve_bench import run_serve_bench
+
+        if not args.url:
+            raise ValueError("labkit bench serve needs --url (e.g. http://127.0.0.1:8000)")
+        extra = {"concurrencies": int_list(args.concurrencies)} if args.concurrencies else {}
+        if args.num_requests:
+            extra["num_requests"] = args.num_requests
+        doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate, **extra)
+    if json_path:
+        write_json(doc, json_path)
+        print(f"wrote {json_path}", file=sys.stderr)
+    else:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "timings exclude one-time start-up costs")
     p.add_argument("--quiet-stats", action="store_true", help="print the timing line to stderr")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="run a benchmark and write the bench JSON (DESIGN.md)")
+    p.add_argument("kind", choices=["latency", "batching", "cache", "quant", "serve"])
+    p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--json", metavar="PATH", help="write the JSON here (default: print it)")
+    p.add_argument("--num-requests", type=int, help="requests per run")
+    p.add_argument("--prompt-lens", default="32,128", help="latency: prompt tokens, e.g. 32,128")
+    p.add_argument("--out-lens", default="32", help="latency: output tokens, e.g. 32,128")
+    p.add_argument("--batch-sizes", help="batching: static batch sizes, e.g. 1,4,16")
+    p.add_argument("--concurrencies", help="batching/serve: client counts, e.g. 1,16,64")
+    p.add_argument("--repeat-fraction", type=float, default=0.5, help="cache: repeated share")
+    p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
+    p.add_argument("--url", help="serve: base URL of an OpenAI-compatible server")
+    p.add_argument("--rate", type=float, help="serve: open-loop Poisson rate (req/s)")
+    p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")
+    p.add_argument("--compile", action="store_true", help="hf: compile the decode step "
+                   "(CUDA graphs; needs --static-cache)")
+    p.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs")
+    p.add_argument("--prefix-caching", choices=["on", "off"], help="vllm: prefix caching")
+    p.add_argument("--quantization", help="vllm: e.g. fp8")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -129,3 +129,21 @@ def test_vllm_absent_says_what_to_install(monkeypatch):
 def test_bad_request_is_rejected_with_reason(bad, message):
     with pytest.raises(ValueError, match=message):
         Request(**bad)
+
+
+def test_static_cache_loop_matches_generate(hf_engine):
+    """labkit's lean decode loop (static KV cache) gives generate's greedy tokens."""
+    from labkit.engines.hf import HFEngine
+
+    fast = HFEngine("smollm2-135m", static_cache=True)
+    reqs = [chat(p, max_tokens=12) for p in PROMPTS[:3]]
+    for ref, got in zip(hf_engine.generate(reqs), fast.generate(reqs)):
+        assert got.token_ids == ref.token_ids and got.finish_reason == ref.finish_reason
+    fast.close()
+
+
+def test_compile_without_static_cache_is_refused():
+    from labkit.engines.hf import HFEngine
+
+    with pytest.raises(ValueError, match="compile=True needs static_cache=True"):
+        HFEngine("smollm2-135m", compile=True)
