@@ -41,8 +41,14 @@ def labkit_home() -> Path:
 
 
 def resolve_profile(profile: str | None = None) -> str:
-    """``ci`` (small, CPU-friendly sizes) or ``full`` (GPU sizes); ``auto`` picks by device."""
-    profile = choose(profile or os.environ.get("LABKIT_PROFILE", "auto"), PROFILES, "profile")
+    """``ci`` (small, CPU-friendly sizes) or ``full`` (GPU sizes).
+
+    An explicit ``ci``/``full`` wins; ``auto`` (or None) defers to LABKIT_PROFILE, and if that is
+    unset or ``auto`` too, picks ``full`` on a GPU and ``ci`` on a CPU.
+    """
+    if profile in (None, "auto"):
+        profile = os.environ.get("LABKIT_PROFILE") or "auto"
+    profile = choose(profile, PROFILES, "profile")
     if profile != "auto":
         return profile
     from labkit.device import has_cuda
@@ -74,8 +80,9 @@ def settings(
 ) -> Settings:
     """Resolve settings from arguments, then environment, then defaults (see module doc)."""
     return Settings(
-        model=model or os.environ.get("LABKIT_MODEL") or DEFAULT_MODEL,
-        engine=choose(engine or os.environ.get("LABKIT_ENGINE") or "auto", ENGINES, "engine"),
+        model=model or os.environ.get("LABKIT_MODEL") or DEFAULT_MODEL,  # a name is explicit
+        engine=choose(engine if engine not in (None, "auto") else
+                      os.environ.get("LABKIT_ENGINE") or "auto", ENGINES, "engine"),
         profile=resolve_profile(profile),
         redis_url=redis_url or os.environ.get("REDIS_URL") or None,
         home=labkit_home(),

@@ -26,12 +26,14 @@ def _redis_facts() -> dict:
             facts["url"] = _redact(url)
             facts["reachable"] = bool(redis.Redis.from_url(url, socket_timeout=2).ping())
         else:
-            from labkit.redis_server import EmbeddedRedis
+            from labkit.redis_server import EmbeddedRedis, get_client
 
             with EmbeddedRedis() as server:
+                client = get_client(server.url)
                 facts["url"] = server.url
-                facts["reachable"] = bool(server.client().ping())
-                facts["server_version"] = server.client().info()["redis_version"]
+                facts["reachable"] = bool(client.ping())
+                facts["server_version"] = client.info()["redis_version"]
+                client.close()
     except Exception as err:  # doctor reports, it does not fail
         facts["error"] = f"{type(err).__name__}: {err}"
     return facts

@@ -197,6 +197,19 @@ def synthetic_path(name: str) -> Path:
 
 # --- loading ----------------------------------------------------------------------------------
 
+def quiet_library_logs() -> None:
+    """Silence start-up warnings students cannot act on: transformers imports torchao, which
+    logs a line per optional CUDA kernel library it cannot load on this machine and makes torch
+    log an Enum deprecation per registered type. Real errors still raise."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(ref: ModelRef):
     """The tokenizer of a model, set up for batched generation (left padding, a pad token)."""
     from transformers import AutoTokenizer
@@ -210,6 +223,7 @@ def load_tokenizer(ref: ModelRef):
 
 def load_model(name: str, device=None, dtype="auto"):
     """Load ``(model, tokenizer, ref)`` for inference: eval mode, on ``device`` in ``dtype``."""
+    quiet_library_logs()
     from transformers import AutoModelForCausalLM
 
     from labkit.device import pick_device, to_dtype
