@@ -22,6 +22,9 @@ export JUPYTER_RUNTIME_DIR := $(CURDIR)/.cache/jupyter/runtime
 export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export PYTHONDONTWRITEBYTECODE := 1
+# torch's OpenMP threads spin while they wait; on a shared 2-core machine that makes a forward
+# pass 10-20x slower. PASSIVE lets waiting threads sleep.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup lab test jupyter student clean
 

@@ -1,0 +1,105 @@
+"""The one plotting idiom of the labs: small matplotlib helpers that insist on units.
+
+Every helper takes axis labels with their unit (``"prompt length (tokens)"``), draws on a given
+``ax`` or a new figure, and returns the Axes so a notebook can add a line or a note. A figure
+without a unit is a bug, so a label without one raises.
+
+- ``line_plot``: one or more series against x (each series may have its own x); log axes.
+- ``bar_chart``: one value per label.
+- ``latency_throughput``: the serving trade-off, one point per setting, annotated.
+
+matplotlib is imported inside the functions, so ``import labkit.plots`` is cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+SeriesData = Sequence[float] | tuple[Sequence[float], Sequence[float]]
+
+
+def _check_label(label: str, what: str) -> str:
+    if not label or "(" not in label or ")" not in label:
+        raise ValueError(f"{what} {label!r} needs a unit in parentheses, e.g. 'latency (ms)' "
+                         "or 'batch size (requests)'")
+    return label
+
+
+def _axes(ax, figsize=(6, 3.6)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def line_plot(x: Sequence[float] | None, series: Mapping[str, SeriesData], *, xlabel: str,
+              ylabel: str, title: str | None = None, logx: bool = False, logy: bool = False,
+              styles: Mapping[str, str] | None = None, ax=None):
+    """Plot each ``series`` (label -> y values, or label -> (x, y)) against ``x``.
+
+    ``styles`` maps a label to a matplotlib format string (``"o-"``, ``"--"``); default ``"o-"``.
+    """
+    ax = _axes(ax)
+    for label, data in series.items():
+        if isinstance(data, tuple) and len(data) == 2:
+            xs, ys = data
+        else:
+            if x is None:
+                raise ValueError(f"series {label!r} has no x values: pass x= or (x, y)")
+            xs, ys = x, data
+        if len(xs) != len(ys):
+            raise ValueError(f"series {label!r}: {len(xs)} x values but {len(ys)} y values")
+        ax.plot(list(xs), list(ys), (styles or {}).get(label, "o-"), label=label)
+    ax.set_xlabel(_check_label(xlabel, "xlabel"))
+    ax.set_ylabel(_check_label(ylabel, "ylabel"))
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], *, ylabel: str,
+              title: str | None = None, annotate: str | None = "{:.3g}", ax=None):
+    """One bar per label; ``annotate`` formats the value above each bar (None: no text)."""
+    if len(labels) != len(values):
+        raise ValueError(f"{len(labels)} labels but {len(values)} values")
+    ax = _axes(ax)
+    bars = ax.bar([str(v) for v in labels], list(values))
+    if annotate:
+        ax.bar_label(bars, labels=[annotate.format(v) for v in values])
+    ax.set_ylabel(_check_label(ylabel, "ylabel"))
+    if title:
+        ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    return ax
+
+
+def latency_throughput(throughput: Sequence[float], latency: Sequence[float],
+                       labels: Sequence[str] | None = None, *,
+                       xlabel: str = "output throughput (tokens/s)",
+                       ylabel: str = "p50 latency (s)", title: str | None = None,
+                       series: str | None = None, ax=None):
+    """The serving trade-off: one point per setting (batch size, concurrency, rate), joined in
+    order and annotated with ``labels``. Call again with the same ``ax`` and another ``series``
+    name to compare systems."""
+    if len(throughput) != len(latency):
+        raise ValueError(f"{len(throughput)} throughput values but {len(latency)} latencies")
+    ax = _axes(ax)
+    ax.plot(list(throughput), list(latency), "o-", label=series)
+    for x, y, text in zip(throughput, latency, labels or []):
+        ax.annotate(str(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(_check_label(xlabel, "xlabel"))
+    ax.set_ylabel(_check_label(ylabel, "ylabel"))
+    if title:
+        ax.set_title(title)
+    if series:
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    return ax
