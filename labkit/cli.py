@@ -115,6 +115,38 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from labkit.runner import parse_params, run_labs
+
+    result = run_labs(args.notebooks or None, profile=args.profile,
+                      params=parse_params(args.param), out_dir=args.out,
+                      timeout_s=args.timeout)
+    print(f"report: {result.report}")
+    if not result.ok:
+        print(result.failure_message(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_assign(args) -> int:
+    from labkit.assign import make_student_notebooks
+
+    for path in make_student_notebooks(args.src, args.out):
+        print(path)
+    return 0
+
+
+def _cmd_grade(args) -> int:
+    from labkit.grading import grade
+    from labkit.runner import parse_params
+
+    frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.timeout,
+                  rubric=args.rubric, params=parse_params(args.param))
+    print(frame[["submission", "status", "total", "max", "reason"]].to_string(index=False))
+    print(f"grades: {args.out}")
+    return 0  # failing submissions are graded rows in the CSV, not a failed command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", choices=["on", "off"], help="vllm: prefix caching")
     p.add_argument("--quantization", help="vllm: e.g. fp8")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("run", help="execute the labs with papermill and write report.html")
+    p.add_argument("notebooks", nargs="*", help="default: every notebooks/NN_*.ipynb in order")
+    p.add_argument("--profile", default="ci", choices=["ci", "full", "auto"])
+    p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
+    p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--timeout", type=float, default=900, help="per-cell timeout (s)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("assign", help="write student notebooks (solutions stubbed)")
+    p.add_argument("--src", default="notebooks")
+    p.add_argument("--out", default="release")
+    p.set_defaults(func=_cmd_assign)
+
+    p = sub.add_parser("grade", help="execute and score every submission in a folder")
+    p.add_argument("submission_dir")
+    p.add_argument("--lab", required=True, help="lab number (e.g. 1) or a rubric path")
+    p.add_argument("--out", default="grades.csv")
+    p.add_argument("--timeout", type=float, help="per-notebook timeout (s; default: rubric's)")
+    p.add_argument("--rubric", help="a rubric file instead of data/rubrics/labNN.toml")
+    p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
+    p.set_defaults(func=_cmd_grade)
     return parser
 
 

@@ -1,15 +1,35 @@
-"""Recorded results in notebook outputs: ``record(name, value)`` and ``read_records(path)``.
+"""Recorded results, rubrics, and ``grade``: run every submission under papermill and score it.
 
 A record is a display output with its own MIME type, so it survives papermill execution and can
 be read back from the executed ``.ipynb`` without running anything.
+
+Grading (see data/rubrics/README.md for the rubric format and the threat model): each submission
+runs in its own temporary ``notebooks/`` dir (with a copy of ``data/``) in the ci profile, with a
+time limit for the whole notebook. Only records emitted by the lab's own record cells (source
+unchanged from the solution notebook) count; hidden checks and recomputations run in cells the
+grader injects, which publish under a per-run secret nonce. Points are summed per check (partial
+credit), and a notebook that stops early keeps the points of the records it produced before.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import secrets
+import shutil
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RECORD_MIME = "application/vnd.labkit.record+json"
+GRADER_PREFIX = "__labkit_grader__:"  # records under this prefix count only from grader cells
+RUBRIC_DIR = Path(__file__).resolve().parents[1] / "data" / "rubrics"
+KINDS = ("record", "hidden")
+OPS = ("equals", "close", "between", "true")
+_CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
+                 "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
 
 
 def record(name: str, value) -> None:
@@ -20,13 +40,366 @@ def record(name: str, value) -> None:
     display({RECORD_MIME: payload, "text/plain": f"recorded {name} = {value!r}"}, raw=True)
 
 
+def _cell_records(cell) -> list[dict]:
+    return [out["data"][RECORD_MIME] for out in cell.get("outputs", [])
+            if RECORD_MIME in out.get("data", {})]
+
+
 def read_records(path: str | Path) -> dict:
     """All records of an executed notebook as ``{name: value}`` (the last one of a name wins)."""
     nb = json.loads(Path(path).read_text())
-    found = {}
-    for cell in nb.get("cells", []):
-        for out in cell.get("outputs", []):
-            payload = out.get("data", {}).get(RECORD_MIME)
-            if payload is not None:
-                found[payload["name"]] = payload["value"]
-    return found
+    return {p["name"]: p["value"] for cell in nb.get("cells", []) for p in _cell_records(cell)}
+
+
+# --------------------------------------------------------------------------- rubrics
+@dataclass(frozen=True)
+class Check:
+    """One rubric line: ``points`` for a recorded value (``record``) or a hidden test."""
+
+    name: str
+    points: float
+    kind: str
+    feedback: str = ""
+    record: str | None = None
+    key: str | None = None
+    op: str = "equals"
+    expected: object = None
+    rel_tol: float = 1e-6
+    abs_tol: float = 0.0
+    min: float | None = None
+    max: float | None = None
+    recompute: str | None = None
+    code: str | None = None
+    after: str | None = None
+
+
+@dataclass
+class Rubric:
+    """Checks of one lab and the solution notebook they refer to."""
+
+    lab: str
+    notebook: Path
+    checks: list[Check]
+    timeout_s: float = 600.0
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def max_points(self) -> float:
+        return sum(c.points for c in self.checks)
+
+
+def rubric_path(lab: int | str) -> Path:
+    """``data/rubrics/labNN.toml`` for lab ``NN`` (an int, ``"1"``, ``"01"`` or ``"lab01"``)."""
+    text = str(lab).removeprefix("lab")
+    return RUBRIC_DIR / (f"lab{int(text):02d}.toml" if text.isdigit() else f"lab{text}.toml")
+
+
+def _check(raw: dict, where: str, hidden_code: dict) -> Check:
+    def bad(msg: str):
+        return ValueError(f"{where}: {msg}")
+
+    unknown = set(raw) - _CHECK_FIELDS
+    if unknown:
+        raise bad(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_CHECK_FIELDS)}")
+    for req in ("name", "points", "kind"):
+        if req not in raw:
+            raise bad(f"missing field {req!r}")
+    if raw["kind"] not in KINDS:
+        raise bad(f"unknown kind {raw['kind']!r}; choose one of: {', '.join(KINDS)}")
+    if not isinstance(raw["points"], int | float) or raw["points"] <= 0:
+        raise bad(f"points must be a positive number, got {raw['points']!r}")
+    check = Check(**raw)
+    if check.kind == "record":
+        if not check.record:
+            raise bad("a record check needs 'record' (the name given to labkit.grading.record)")
+        if check.op not in OPS:
+            raise bad(f"unknown op {check.op!r}; choose one of: {', '.join(OPS)}")
+        if check.op in ("equals", "close") and check.expected is None:
+            raise bad(f"op {check.op!r} needs 'expected'")
+        if check.op == "between" and check.min is None and check.max is None:
+            raise bad("op 'between' needs 'min' and/or 'max'")
+        if check.recompute:
+            compile(check.recompute, f"<{where} recompute>", "eval")  # SyntaxError names it
+    else:
+        code = check.code or hidden_code.get(check.name)
+        if not code:
+            raise bad(f"hidden check needs 'code', or a '### BEGIN HIDDEN TESTS {check.name}' "
+                      f"block in the solution notebook")
+        compile(code, f"<{where} code>", "exec")
+        check = Check(**{**raw, "code": code})
+    return check
+
+
+def load_rubric(lab_or_path: int | str | Path) -> Rubric:
+    """Read and validate a rubric (TOML or JSON); errors name the file, the check and the field."""
+    import nbformat
+
+    from labkit.assign import hidden_blocks
+
+    path = Path(lab_or_path) if str(lab_or_path).endswith((".toml", ".json")) \
+        else rubric_path(lab_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rubric {str(path)!r} not found (see {RUBRIC_DIR}/README.md)")
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    for req in ("lab", "notebook", "check"):
+        if req not in data:
+            raise ValueError(f"{path}: missing top-level field {req!r}")
+    nb_path = Path(data["notebook"])
+    if not nb_path.is_absolute():
+        local = path.parent / nb_path
+        nb_path = local if local.is_file() else RUBRIC_DIR.parents[1] / "notebooks" / nb_path
+    if not nb_path.is_file():
+        raise FileNotFoundError(f"{path}: solution notebook {str(nb_path)!r} not found")
+    nb = nbformat.read(nb_path, as_version=4)
+    hidden = {name: code for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for name, code in hidden_blocks(c.source, f"{nb_path.name} cell {i}") if name}
+    checks, seen = [], set()
+    for i, raw in enumerate(data["check"]):
+        where = f"{path.name} check {i} ({raw.get('name', '?')})"
+        try:
+            check = _check(raw, where, hidden)
+        except SyntaxError as exc:
+            raise ValueError(f"{where}: Python syntax error in {exc.filename}: {exc.msg}") from None
+        if check.name in seen:
+            raise ValueError(f"{where}: duplicate check name {check.name!r}")
+        seen.add(check.name)
+        checks.append(check)
+    return Rubric(str(data["lab"]), nb_path, checks, float(data.get("timeout_s", 600)),
+                  dict(data.get("parameters", {})))
+
+
+# --------------------------------------------------------------------------- preparing a submission
+def _norm(source: str) -> str:
+    return "\n".join(line.rstrip() for line in source.strip().splitlines())
+
+
+def trusted_sources(rubric: Rubric) -> set[str]:
+    """Sources of the lab's record cells, as students receive them: only these may record."""
+    import nbformat
+
+    from labkit.assign import student_notebook
+
+    nb = student_notebook(nbformat.read(rubric.notebook, as_version=4))
+    return {_norm(c.source) for c in nb.cells
+            if c.cell_type == "code" and re.search(r"\brecord\(", c.source)}
+
+
+def _grader_cell(nonce: str, check: Check, role: str):
+    """A cell that runs a hidden test (``exec``) or a recomputation (``eval``) on a copy of the
+    student's globals and publishes the outcome under the nonce, bypassing patchable helpers."""
+    import nbformat
+
+    name = f"{GRADER_PREFIX}{nonce}:{role}:{check.name}"
+    mode, text = ("exec", check.code) if role == "hidden" else ("eval", check.recompute)
+    result = '{"passed": True}' if role == "hidden" else '{"value": _out}'
+    fn = f"_lk_grader_{nonce}"
+    src = f"""# labkit grader: {role} check {check.name!r}
+def {fn}(_g):
+    import json
+    from IPython.core.getipython import get_ipython
+
+    def emit(payload):
+        value = json.loads(json.dumps(payload, default=lambda o: o.item() if hasattr(o, "item")
+                                      else repr(o)))
+        get_ipython().display_pub.publish(
+            data={{{RECORD_MIME!r}: {{"name": {name!r}, "value": value}},
+                  "text/plain": "labkit grader " + {check.name!r}}}, metadata={{}})
+    try:
+        _out = {mode}(compile({text!r}, {f'<{role} check {check.name}>'!r}, {mode!r}), dict(_g))
+    except Exception as exc:
+        emit({{"passed": False, "error": f"{{type(exc).__name__}}: {{exc}}"}})
+    else:
+        emit({result})
+{fn}(globals())
+del {fn}
+"""
+    cell = nbformat.v4.new_code_cell(src)
+    cell.metadata["labkit_grader"] = {"nonce": nonce, "check": check.name, "role": role}
+    return cell
+
+
+def prepare_submission(nb, rubric: Rubric, nonce: str, trusted: set[str]):
+    """Clear outputs, drop forged grader metadata, inject hidden-test and recompute cells."""
+    for cell in nb.cells:
+        cell.metadata.pop("labkit_grader", None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    inserts: list[tuple[int, object]] = []
+    for check in rubric.checks:
+        if check.kind == "hidden":
+            pos = next((i + 1 for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                        and check.after and check.after in c.source
+                        and _norm(c.source) not in trusted), len(nb.cells))
+            inserts.append((pos, _grader_cell(nonce, check, "hidden")))
+        elif check.recompute:
+            pattern = re.compile(rf"""record\(\s*['"]{re.escape(check.record)}['"]""")
+            inserts += [(i + 1, _grader_cell(nonce, check, "recompute"))
+                        for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                        and _norm(c.source) in trusted and pattern.search(c.source)]
+    # From the end, so earlier positions stay valid; checks at one position keep rubric order.
+    for _, pos, cell in sorted(((i, p, c) for i, (p, c) in enumerate(inserts)),
+                               key=lambda x: (x[1], x[0]), reverse=True):
+        nb.cells.insert(pos, cell)
+    return nb
+
+
+# --------------------------------------------------------------------------- scoring
+def _same(a, b, check: Check) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        tol = (check.rel_tol, check.abs_tol) if check.op == "close" else (1e-9, 0.0)
+        return math.isclose(a, b, rel_tol=tol[0], abs_tol=tol[1])
+    return a == b
+
+
+def _passes(value, check: Check) -> tuple[bool, str]:
+    """Whether a recorded value meets the check, and what it got if not."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if check.op == "true":
+        return value is True, f"got {value!r}, expected true"
+    if check.op == "equals":
+        return value == check.expected, f"got {value!r}, expected {check.expected!r}"
+    if not number:
+        return False, f"got {value!r}, expected a number"
+    if check.op == "close":
+        ok = math.isclose(value, check.expected, rel_tol=check.rel_tol, abs_tol=check.abs_tol)
+        return ok, f"got {value!r}, expected {check.expected!r} (rel_tol {check.rel_tol:g})"
+    lo = -math.inf if check.min is None else check.min
+    hi = math.inf if check.max is None else check.max
+    return lo <= value <= hi, f"got {value!r}, expected between {check.min} and {check.max}"
+
+
+def score(nb, rubric: Rubric, nonce: str, trusted: set[str]) -> tuple[dict, list[str], int]:
+    """Points per check of an executed notebook, feedback lines, and how many records were
+    ignored (from cells that are not the lab's record cells, or forged grader names)."""
+    student, grader, ignored = {}, {}, 0
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("labkit_grader") or {}
+        mine = meta.get("nonce") == nonce
+        for payload in _cell_records(cell):
+            name = payload.get("name", "")
+            if mine and name.startswith(f"{GRADER_PREFIX}{nonce}:"):
+                grader[name.removeprefix(f"{GRADER_PREFIX}{nonce}:")] = payload.get("value")
+            elif not mine and not name.startswith(GRADER_PREFIX) and _norm(cell.source) in trusted:
+                student[name] = payload.get("value")
+            else:
+                ignored += 1
+    points, feedback = {}, []
+    for check in rubric.checks:
+        ok, why = False, ""
+        if check.kind == "hidden":
+            res = grader.get(f"hidden:{check.name}")
+            ok = isinstance(res, dict) and res.get("passed") is True
+            why = "hidden test did not run (the notebook stopped before it)" if res is None \
+                else res.get("error", "")
+        elif check.record not in student:
+            why = f"no record {check.record!r} from the lab's record cell"
+        else:
+            value = student[check.record]
+            if check.key is not None:
+                value = value.get(check.key) if isinstance(value, dict) else None
+            ok, why = _passes(value, check)
+            if ok and check.recompute:
+                res = grader.get(f"recompute:{check.name}") or {}
+                if "value" not in res:
+                    ok, why = False, f"could not recompute {check.recompute!r}: " \
+                                     f"{res.get('error', 'not run')}"
+                elif not _same(res["value"], student[check.record], check):
+                    ok, why = False, (f"recorded {student[check.record]!r} but {check.recompute}"
+                                      f" gives {res['value']!r}")
+        points[check.name] = float(check.points) if ok else 0.0
+        if not ok:
+            feedback.append(f"{check.name}: {check.feedback} ({why})".replace(" ()", ""))
+    return points, feedback, ignored
+
+
+def _reason(failure, timeout_s: float) -> tuple[str, str]:
+    if failure is None:
+        return "ok", ""
+    where = f"cell {failure.cell_index}"
+    if failure.grader_cell:
+        where = f"{failure.grader_cell['role']} check {failure.grader_cell['check']!r} " \
+                f"(run before cell {failure.cell_index})"
+    if failure.timed_out:
+        return "timeout", f"timed out after {timeout_s:g} s in {where}"
+    return "error", f"{failure.ename} in {where}: {failure.evalue}"
+
+
+def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
+              params: dict, executed_dir: Path | None = None) -> dict:
+    """Run and score one submission; one CSV row (never raises for a broken submission)."""
+    import nbformat
+
+    from labkit.runner import execute
+
+    row = {"submission": path.name}
+    nonce = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
+        work = Path(tmp) / "notebooks"
+        work.mkdir()
+        data = RUBRIC_DIR.parent
+        if data.is_dir():
+            shutil.copytree(data, Path(tmp) / "data", ignore=shutil.ignore_patterns("rubrics"))
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except Exception as exc:
+            nb, failure, status, reason = None, None, "error", f"unreadable notebook: {exc}"
+        if nb is not None:
+            nbformat.write(prepare_submission(nb, rubric, nonce, trusted), work / path.name)
+            ex = execute(work / path.name, work / f"executed-{path.name}",
+                         parameters={"PROFILE": "ci", **rubric.parameters, **params}, cwd=work,
+                         total_timeout_s=timeout_s)
+            failure = ex.failure
+            status, reason = _reason(failure, timeout_s)
+            try:
+                nb = nbformat.read(ex.output, as_version=4)
+            except Exception:
+                nb = nbformat.v4.new_notebook()
+            if executed_dir is not None:
+                executed_dir.mkdir(parents=True, exist_ok=True)
+                nbformat.write(nb, executed_dir / path.name)
+        points, feedback, ignored = score(nb or nbformat.v4.new_notebook(), rubric, nonce,
+                                          trusted)
+    if status == "ok" and not any(points.values()) and ignored == 0 and not _has_records(nb):
+        status, reason = "no-records", "the notebook recorded nothing (record cells missing?)"
+    if ignored:
+        feedback.append(f"ignored {ignored} record(s) not emitted by the lab's own record cells")
+    row.update(status=status, total=sum(points.values()), max=float(rubric.max_points), **points,
+               reason=reason, feedback="; ".join(feedback))
+    return row
+
+
+def _has_records(nb) -> bool:
+    return nb is not None and any(_cell_records(c) for c in nb.cells)
+
+
+def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
+          timeout_s: float | None = None, rubric: Rubric | str | Path | None = None,
+          params: dict | None = None):
+    """Grade every ``*.ipynb`` in ``submission_dir`` against the lab's rubric; write ``out_csv``.
+
+    One row per submission: submission, status (ok / error / timeout / no-records), total, max,
+    one column of points per check, reason (why the run stopped) and feedback (lost points).
+    ``timeout_s`` (default: the rubric's) bounds each notebook's cell execution in seconds.
+    Executed copies go to ``<out_csv stem>_executed/``. Returns the rows as a DataFrame.
+    """
+    import pandas as pd
+
+    rub = rubric if isinstance(rubric, Rubric) else load_rubric(rubric or lab)
+    subs = sorted(Path(submission_dir).glob("*.ipynb"))
+    if not subs:
+        raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
+    trusted = trusted_sources(rub)
+    out_csv = Path(out_csv)
+    executed = out_csv.with_name(f"{out_csv.stem}_executed")
+    rows = [grade_one(p, rub, trusted, timeout_s or rub.timeout_s, params or {}, executed)
+            for p in subs]
+    columns = ["submission", "status", "total", "max", *[c.name for c in rub.checks],
+               "reason", "feedback"]
+    df = pd.DataFrame(rows, columns=columns)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out_csv, index=False)
+    return df

@@ -1,0 +1,128 @@
+"""Student notebooks from solution notebooks: the solution notebook is the single source.
+
+In a solution notebook:
+- ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` wraps what the student writes; the student version
+  replaces the whole block (markers included) with ``raise NotImplementedError("Exercise: ...")``
+  at the indentation of the ``BEGIN`` marker.
+- ``### BEGIN HIDDEN TESTS [check-name]`` ... ``### END HIDDEN TESTS`` wraps tests only the grader
+  runs; the student version drops the block (markers included), and a cell left empty is dropped.
+  The optional name after the marker lets a rubric's hidden check reuse the block.
+Outputs and execution counts are cleared; the ``parameters`` cell and everything else is kept.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
+BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+_DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
+
+
+def _blocks(source: str, begin: str, end: str, where: str) -> list[tuple[int, int]]:
+    """(start, stop) line indices of each marker pair, stop inclusive; ValueError if unbalanced."""
+    lines, spans, start = source.splitlines(), [], None
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith(begin):
+            if start is not None:
+                raise ValueError(f"{where}: {begin!r} on line {i + 1} inside an open block "
+                                 f"(opened on line {start + 1}); close it with {end!r} first")
+            start = i
+        elif text.startswith(end):
+            if start is None:
+                raise ValueError(f"{where}: {end!r} on line {i + 1} without {begin!r}")
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        raise ValueError(f"{where}: {begin!r} on line {start + 1} is never closed by {end!r}")
+    return spans
+
+
+def solution_lines(source: str, where: str = "cell") -> list[str]:
+    """The lines strictly between solution markers (what the student version must not contain)."""
+    lines = source.splitlines()
+    return [lines[j] for a, b in _blocks(source, BEGIN_SOLUTION, END_SOLUTION, where)
+            for j in range(a + 1, b)]
+
+
+def hidden_blocks(source: str, where: str = "cell") -> list[tuple[str, str]]:
+    """``(name, code)`` of each hidden-test block; ``name`` is the text after the marker or ''."""
+    lines = source.splitlines()
+    out = []
+    for a, b in _blocks(source, BEGIN_HIDDEN, END_HIDDEN, where):
+        name = lines[a].strip()[len(BEGIN_HIDDEN):].strip()
+        out.append((name, "\n".join(lines[a + 1:b])))
+    return out
+
+
+def stub_solutions(source: str, where: str = "cell") -> str:
+    """``source`` with each solution block replaced by an indented NotImplementedError stub."""
+    lines = source.splitlines()
+    spans = _blocks(source, BEGIN_SOLUTION, END_SOLUTION, where)
+    for a, b in reversed(spans):
+        indent = lines[a][: len(lines[a]) - len(lines[a].lstrip())]
+        func = next((m.group(2) for line in reversed(lines[:a])
+                     if (m := _DEF.match(line)) and len(m.group(1)) < len(indent)), None)
+        what = f"implement {func}()" if func else "write your code here"
+        lines[a:b + 1] = [f'{indent}raise NotImplementedError("Exercise: {what}")']
+    return "\n".join(lines)
+
+
+def strip_hidden_tests(source: str, where: str = "cell") -> str:
+    """``source`` without its hidden-test blocks (markers and everything between them)."""
+    lines = source.splitlines()
+    for a, b in reversed(_blocks(source, BEGIN_HIDDEN, END_HIDDEN, where)):
+        del lines[a:b + 1]
+    return "\n".join(lines).strip("\n")
+
+
+def student_notebook(nb):
+    """A student copy of solution notebook ``nb`` (an nbformat v4 NotebookNode; not modified)."""
+    import copy
+
+    out = copy.deepcopy(nb)
+    cells = []
+    for i, cell in enumerate(out.cells):
+        where = f"cell {i}"
+        if cell.cell_type == "code":
+            had_hidden = BEGIN_HIDDEN in cell.source
+            cell.source = stub_solutions(strip_hidden_tests(cell.source, where), where)
+            if had_hidden and not cell.source.strip():
+                continue
+            cell.outputs = []
+            cell.execution_count = None
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        cells.append(cell)
+    out.cells = cells
+    out.metadata.pop("papermill", None)
+    return out
+
+
+def make_student_notebooks(src_dir: str | Path = "notebooks", out_dir: str | Path = "release",
+                           pattern: str = "[0-9][0-9]_*.ipynb") -> list[Path]:
+    """Write a student version of every solution notebook in ``src_dir`` to ``out_dir``.
+
+    Returns the written paths, sorted. Raises ValueError naming notebook and cell for unbalanced
+    markers, FileNotFoundError if ``src_dir`` holds no notebook matching ``pattern``.
+    """
+    import nbformat
+
+    sources = sorted(Path(src_dir).glob(pattern))
+    if not sources:
+        raise FileNotFoundError(f"no notebooks matching {pattern!r} in {str(src_dir)!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for src in sources:
+        nb = nbformat.read(src, as_version=4)
+        try:
+            student = student_notebook(nb)
+        except ValueError as exc:
+            raise ValueError(f"{src}: {exc}") from None
+        target = out / src.name
+        nbformat.write(student, target)
+        written.append(target)
+    return written

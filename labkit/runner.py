@@ -1,0 +1,343 @@
+"""``labkit run``: execute the labs headless with papermill and write an HTML report of the run.
+
+Each lab runs in a fresh kernel of *this* Python (a kernelspec pointing at ``sys.executable`` is
+written into project-local or temporary Jupyter dirs, so it works as root and with a read-only
+``~``), with ``notebooks/`` as working directory and a per-cell timeout (seconds). The executed
+notebooks, ``report.html`` (self-contained: plots are embedded as base64 data URIs) and
+``summary.json`` go to ``runs/<timestamp>/``. A failure names the notebook, the failing cell's
+index (as the author sees it in Jupyter: papermill's injected-parameters cell is not counted),
+its source and the error.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import html
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+INJECTED_TAG = "injected-parameters"  # papermill's tag for the cell it adds
+ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag for the error banners it adds
+GRADER_KEY = "labkit_grader"  # cell metadata key of cells the grader injects
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+# --------------------------------------------------------------------------- kernel and state dirs
+def state_dir() -> Path:
+    """Where Jupyter/IPython/matplotlib state goes: ``<project>/.cache`` if writable, else temp."""
+    root = PROJECT_ROOT / ".cache"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    tmp = Path(tempfile.gettempdir()) / f"labkit-state-{uid}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def prepare_kernel() -> str:
+    """Point Jupyter state at writable dirs and register a kernel for ``sys.executable``.
+
+    Sets JUPYTER_CONFIG_DIR / JUPYTER_DATA_DIR / JUPYTER_RUNTIME_DIR / IPYTHONDIR / MPLCONFIGDIR
+    where unset, writes ``kernels/<name>/kernel.json`` under a dir prepended to JUPYTER_PATH, and
+    returns the kernel name to hand to papermill. Idempotent and cheap (no subprocess).
+    """
+    base = state_dir()
+    for var, sub in [("JUPYTER_CONFIG_DIR", "jupyter/config"), ("JUPYTER_DATA_DIR", "jupyter/data"),
+                     ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("IPYTHONDIR", "ipython"),
+                     ("MPLCONFIGDIR", "matplotlib")]:
+        if not os.environ.get(var):
+            os.environ[var] = str(base / sub)
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+    name = "labkit-py-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:8]
+    spec_root = base / "jupyter" / "path"
+    spec_dir = spec_root / "kernels" / name
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": f"Python {platform.python_version()} (labkit)",
+        "language": "python",
+        # Plots must reach the notebook as image/png even when the caller set MPLBACKEND=Agg.
+        "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+        "metadata": {"debugger": False},
+    }
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    target = spec_dir / "kernel.json"
+    text = json.dumps(spec, indent=1)
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    if str(spec_root) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(spec_root), *paths])
+    return name
+
+
+# --------------------------------------------------------------------------- executing one notebook
+@dataclass
+class Failure:
+    """Why a notebook stopped: the cell (index as in the source notebook), its source, the error."""
+
+    cell_index: int | None
+    source: str
+    ename: str
+    evalue: str
+    traceback: str = ""
+    timed_out: bool = False
+    grader_cell: dict | None = None  # metadata of a grader-injected cell, if that one failed
+
+    def describe(self) -> str:
+        where = f"cell {self.cell_index}" if self.cell_index is not None else "kernel"
+        return f"{where}: {self.ename}: {self.evalue}"
+
+
+@dataclass
+class Execution:
+    """Outcome of one papermill run: ``ok``, wall time (seconds), output path, failure if any."""
+
+    ok: bool
+    duration_s: float
+    output: Path
+    failure: Failure | None = None
+
+
+def _is_counted(cell) -> bool:
+    """True for cells of the original notebook (not papermill's or the grader's additions)."""
+    tags = cell.get("metadata", {}).get("tags", [])
+    return INJECTED_TAG not in tags and ERROR_TAG not in tags and GRADER_KEY not in cell.metadata
+
+
+def _source_index(nb, pos: int) -> int:
+    return sum(1 for c in nb.cells[:pos] if _is_counted(c))
+
+
+def locate_failure(nb, exc: BaseException) -> Failure:
+    """The failing cell of an executed notebook ``nb`` after papermill raised ``exc``."""
+    timed_out = isinstance(exc, TimeoutError)
+    pos = None
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        pm = cell.get("metadata", {}).get("papermill", {})
+        if not timed_out and (any(o.get("output_type") == "error" for o in cell.get("outputs", []))
+                              or pm.get("exception") is True):
+            pos = i
+            break
+        if timed_out and pm.get("start_time"):
+            pos = i  # the last cell that started is the one that ran out of time
+    ename = "Timeout" if timed_out else getattr(exc, "ename", type(exc).__name__)
+    evalue = str(exc) if timed_out else getattr(exc, "evalue", str(exc))
+    tb = "\n".join(getattr(exc, "traceback", None) or [])
+    if pos is None:
+        return Failure(None, "", ename, evalue, _ANSI.sub("", tb), timed_out)
+    cell = nb.cells[pos]
+    return Failure(_source_index(nb, pos), cell.source, ename, evalue, _ANSI.sub("", tb),
+                   timed_out, dict(cell.metadata.get(GRADER_KEY, {})) or None)
+
+
+def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Path,
+            cell_timeout_s: float | None = None, total_timeout_s: float | None = None,
+            kernel_name: str | None = None) -> Execution:
+    """Run ``src`` with papermill into ``dst``; never raises for errors inside the notebook.
+
+    ``cell_timeout_s`` bounds each cell, ``total_timeout_s`` all cells together (seconds of cell
+    execution; kernel start-up is bounded separately by papermill's 60 s start timeout).
+    """
+    import nbformat
+    import papermill as pm
+
+    kernel_name = kernel_name or prepare_kernel()
+    t0 = time.perf_counter()
+    deadline = None if total_timeout_s is None else t0 + total_timeout_s
+
+    def timeout_for(_cell) -> float | None:
+        limits = [x for x in (cell_timeout_s,
+                              None if deadline is None else deadline - time.perf_counter())
+                  if x is not None]
+        return max(1.0, min(limits)) if limits else None
+
+    try:
+        pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd),
+                            kernel_name=kernel_name, language="python", progress_bar=False,
+                            log_output=False,
+                            timeout_func=timeout_for, shutdown_kernel="immediate")
+        return Execution(True, time.perf_counter() - t0, Path(dst))
+    except Exception as exc:  # a notebook error, a timeout or a dead kernel: report, go on
+        duration = time.perf_counter() - t0
+        try:
+            nb = nbformat.read(str(dst), as_version=4)
+        except Exception:
+            nb = nbformat.v4.new_notebook()
+        return Execution(False, duration, Path(dst), locate_failure(nb, exc))
+
+
+# --------------------------------------------------------------------------- run_labs and report
+@dataclass
+class LabResult:
+    """One lab of a run: status ``ok`` or ``failed``, wall time (s), records, failure."""
+
+    notebook: str
+    output: str
+    status: str
+    duration_s: float
+    records: dict = field(default_factory=dict)
+    plots: int = 0
+    failure: Failure | None = None
+
+
+@dataclass
+class RunResult:
+    """A whole ``labkit run``: where it wrote, and each lab's result."""
+
+    out_dir: Path
+    report: Path
+    summary: Path
+    labs: list[LabResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(lab.status == "ok" for lab in self.labs)
+
+    def failure_message(self) -> str:
+        """One line per failed lab, naming notebook and cell (empty when all passed)."""
+        return "\n".join(f"{lab.notebook} failed at {lab.failure.describe()}"
+                         for lab in self.labs if lab.failure is not None)
+
+
+def parse_params(items: list[str] | None) -> dict:
+    """``["K=V", ...]`` -> dict; values parsed as JSON, then a Python literal, else kept as str."""
+    params = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"bad parameter {item!r}; write NAME=VALUE, e.g. MAX_TOKENS=16")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+        params[key] = value
+    return params
+
+
+def default_notebooks() -> list[Path]:
+    """Every ``notebooks/NN_*.ipynb``, sorted (from the current dir, else the project root)."""
+    for base in (Path.cwd() / "notebooks", PROJECT_ROOT / "notebooks"):
+        found = sorted(base.glob("[0-9][0-9]_*.ipynb"))
+        if found:
+            return found
+    raise FileNotFoundError("no notebooks/NN_*.ipynb found in the current dir or the project")
+
+
+def environment_facts() -> dict:
+    """Device (``cpu`` or the GPU name) and versions of python, torch, transformers, vllm."""
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "vllm", "labkit"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "absent"
+    try:
+        from labkit.device import device_name
+
+        device = device_name()
+    except Exception as exc:  # no torch: the report still says why
+        device = f"unknown ({exc})"
+    return {"device": device, "platform": platform.platform(), "versions": versions}
+
+
+def _plots(path: Path) -> list[str]:
+    try:
+        nb = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return ["".join(o["data"]["image/png"]).replace("\n", "")
+            for c in nb.get("cells", []) for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+
+
+def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: dict | None = None,
+             out_dir: str | Path | None = None, timeout_s: float = 900) -> RunResult:
+    """Execute labs in order (default: every notebooks/NN_*.ipynb) and write the report.
+
+    ``profile`` becomes the PROFILE parameter (``params`` may override); ``timeout_s`` bounds each
+    cell (seconds). Failures do not stop the run: every lab is tried and reported.
+    """
+    from labkit.config import PROFILES, choose
+    from labkit.grading import read_records
+
+    params = {"PROFILE": choose(profile, PROFILES, "profile"), **(params or {})}
+    paths = [Path(p) for p in notebooks] if notebooks else default_notebooks()
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"notebook {str(p)!r} not found")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else Path("runs") / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    kernel = prepare_kernel()
+    labs = []
+    for src in paths:
+        ex = execute(src, out / src.name, parameters=params, cwd=src.resolve().parent,
+                     cell_timeout_s=timeout_s, kernel_name=kernel)
+        records = read_records(ex.output) if ex.output.exists() else {}
+        labs.append(LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
+                              round(ex.duration_s, 3), records, len(_plots(ex.output)), ex.failure))
+    facts = environment_facts()
+    result = RunResult(out, out / "report.html", out / "summary.json", labs)
+    summary = {"created": datetime.now().astimezone().isoformat(timespec="seconds"),
+               "ok": result.ok, "profile": params["PROFILE"], "params": params, **facts,
+               "labs": [asdict(lab) for lab in labs]}
+    result.summary.write_text(json.dumps(summary, indent=2, default=str))
+    result.report.write_text(render_report(summary, labs))
+    return result
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;
+text-align:left;vertical-align:top}.ok{color:#176f2c}.failed{color:#b00020}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1px solid #eee}"""
+
+
+def render_report(summary: dict, labs: list[LabResult]) -> str:
+    """Self-contained HTML: environment, then per lab status, time, records, plots, failure."""
+    e = html.escape
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>"
+                   for k, v in [("device", summary["device"]), ("profile", summary["profile"]),
+                                ("parameters", json.dumps(summary["params"])),
+                                *summary["versions"].items(), ("created", summary["created"])])
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>labkit run</title>"
+             f"<style>{_CSS}</style></head><body><h1>labkit run: "
+             f"<span class='{'ok' if summary['ok'] else 'failed'}'>"
+             f"{'all labs passed' if summary['ok'] else 'failed'}</span></h1><table>{rows}</table>"]
+    for lab in labs:
+        parts.append(f"<h2>{e(Path(lab.notebook).name)}: <span class='{lab.status}'>{lab.status}"
+                     f"</span> ({lab.duration_s:.1f} s)</h2>")
+        if lab.records:
+            parts.append("<table><tr><th>record</th><th>value</th></tr>" + "".join(
+                f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>"
+                for k, v in lab.records.items()) + "</table>")
+        else:
+            parts.append("<p>no recorded results</p>")
+        if lab.failure is not None:
+            f = lab.failure
+            parts.append(f"<p class='failed'>failed at {e(f.describe())}</p>"
+                         f"<pre>{e(f.source)}</pre><pre>{e(f.traceback)}</pre>")
+        parts.extend(f"<img alt='plot from {e(Path(lab.notebook).name)}' "
+                     f"src='data:image/png;base64,{png}'>" for png in _plots(Path(lab.output)))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,177 @@
+"""Grading end to end: one batch of submissions of a tiny lab, each scored the way it deserves.
+
+The batch holds the solution (full marks), the untouched student version (only the set-up
+point), one that raises (keeps what it earned before the error), one that loops forever (timeout),
+and one that forges records (no points for them). Rubric validation and the repository's own
+rubrics are checked without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from fixtures.fixture_lab import RECORD_CELL, write_fixture_lab
+from nbformat.v4 import new_code_cell
+
+from labkit.assign import make_student_notebooks
+from labkit.grading import RECORD_MIME, RUBRIC_DIR, load_rubric, trusted_sources
+
+FORGERY = f'''import labkit.grading
+from IPython.display import display
+labkit.grading.record("add_n_4", 7)                  # a record from a cell that is not a check cell
+display({{"{RECORD_MIME}": {{"name": "__labkit_grader__:0123456789abcdef:hidden:add_hidden",
+                             "value": {{"passed": True}}}}, "text/plain": ""}}, raw=True)
+_real = labkit.grading.record                        # make the real record cell lie
+labkit.grading.record = lambda name, value: _real(name, 7 if name == "add_n_4" else value)'''
+
+
+def _cell_index(nb, text: str) -> int:
+    return next(i for i, c in enumerate(nb.cells) if text in c.source)
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("grading")
+    solution, rubric = write_fixture_lab(tmp / "lab")
+    [student] = make_student_notebooks(tmp / "lab", tmp / "release", pattern="99_*.ipynb")
+    subs = tmp / "submissions"
+    subs.mkdir()
+    shutil.copy(solution, subs / "solution.ipynb")
+    shutil.copy(student, subs / "student.ipynb")
+
+    nb = nbformat.read(solution, as_version=4)
+    nb.cells.insert(_cell_index(nb, RECORD_CELL), new_code_cell('raise RuntimeError("my bug")'))
+    nbformat.write(nb, subs / "raises.ipynb")
+
+    nb = nbformat.read(student, as_version=4)
+    nb.cells[_cell_index(nb, "def add(")].source = "def add(a, b):\n    while True:\n        pass"
+    nbformat.write(nb, subs / "loops.ipynb")
+
+    nb = nbformat.read(student, as_version=4)
+    ex = _cell_index(nb, "def add(")
+    nb.cells[ex].source = "def add(a, b):\n    return a - b"
+    del nb.cells[_cell_index(nb, "assert add(2, 3)")]          # drop the visible check
+    forged = new_code_cell(FORGERY)
+    forged.metadata["labkit_grader"] = {"nonce": "0123456789abcdef", "check": "add_hidden",
+                                        "role": "hidden"}
+    nb.cells.insert(ex + 1, forged)
+    rec = nb.cells[_cell_index(nb, RECORD_CELL)]              # a pre-filled, forged output
+    rec.outputs = [nbformat.v4.new_output("display_data", data={
+        RECORD_MIME: {"name": "add_n_4", "value": 7}, "text/plain": "recorded"})]
+    nbformat.write(nb, subs / "forged.ipynb")
+
+    from labkit.grading import grade
+
+    csv = tmp / "grades.csv"
+    grade(subs, "99", csv, timeout_s=6, rubric=load_rubric(rubric))
+    return pd.read_csv(csv, keep_default_na=False).set_index("submission")
+
+
+def test_solution_gets_full_marks(graded):
+    row = graded.loc["solution.ipynb"]
+    assert (row.status, row.total, row["max"]) == ("ok", 8, 8)
+
+
+def test_untouched_student_version_scores_zero_on_the_exercise(graded):
+    row = graded.loc["student.ipynb"]
+    assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 0, 0)
+    assert row.status == "error" and "NotImplementedError in cell 5" in row.reason
+
+
+def test_raising_submission_keeps_points_earned_before_the_error(graded):
+    row = graded.loc["raises.ipynb"]
+    assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 2, 2)
+    assert row.status == "error" and row.reason == "RuntimeError in cell 7: my bug"
+
+
+def test_endless_loop_times_out_and_the_batch_goes_on(graded):
+    row = graded.loc["loops.ipynb"]
+    assert row.status == "timeout" and "timed out after 6 s" in row.reason
+    assert "add_hidden" in row.reason and row.total == 1
+
+
+def test_forged_records_earn_nothing(graded):
+    row = graded.loc["forged.ipynb"]
+    assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 0, 0)
+    assert "recorded 7 but add(N, 4) gives -1" in row.feedback
+    assert "ignored 2 record(s)" in row.feedback
+
+
+def test_csv_has_one_row_per_submission_and_a_column_per_check(graded):
+    assert sorted(graded.index) == ["forged.ipynb", "loops.ipynb", "raises.ipynb",
+                                    "solution.ipynb", "student.ipynb"]
+    assert list(graded.columns) == ["status", "total", "max", "setup", "add_n_4", "add_hidden",
+                                    "add_floats", "reason", "feedback"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "magic"}, "unknown kind 'magic'; choose one of: record, hidden"),
+    ({"op": "approx"}, "unknown op 'approx'; choose one of: equals, close, between, true"),
+    ({"points": 0}, "points must be a positive number, got 0"),
+    ({"colour": "red"}, "unknown field(s) ['colour']"),
+    ({"recompute": "add(N,"}, "Python syntax error in <lab99.json check 1 (add_n_4) recompute>"),
+    ({"expected": None}, "op 'equals' needs 'expected'"),
+])
+def test_bad_rubric_names_the_check_and_the_field(tmp_path, change, message):
+    _, toml_path = write_fixture_lab(tmp_path)
+    data = tomllib.loads(toml_path.read_text())
+    data["check"][1].update(change)
+    data["check"][1] = {k: v for k, v in data["check"][1].items() if v is not None}
+    path = tmp_path / "lab99.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as err:
+        load_rubric(path)
+    assert str(err.value).startswith("lab99.json check 1 (add_n_4): ")
+    assert message in str(err.value)
+
+
+def test_hidden_check_without_code_or_labelled_block_is_refused(tmp_path):
+    _, rubric = write_fixture_lab(tmp_path)
+    rubric.write_text(rubric.read_text().replace('name = "add_hidden"', 'name = "nowhere"'))
+    with pytest.raises(ValueError, match="BEGIN HIDDEN TESTS nowhere"):
+        load_rubric(rubric)
+
+
+RUBRICS = sorted(RUBRIC_DIR.glob("lab*.toml"))
+
+
+@pytest.mark.parametrize("path", RUBRICS, ids=[p.name for p in RUBRICS])
+def test_repository_rubric_refers_to_real_record_cells(path: Path):
+    rubric = load_rubric(path)
+    trusted = "\n".join(trusted_sources(rubric))
+    for check in rubric.checks:
+        if check.kind == "record":
+            assert f'"{check.record}"' in trusted, f"{path.name}: no record cell of {check.record}"
+        elif check.after:
+            nb = nbformat.read(rubric.notebook, as_version=4)
+            assert any(check.after in c.source for c in nb.cells), f"{check.name}: anchor missing"
+
+
+@pytest.mark.parametrize("path", RUBRICS, ids=[p.name for p in RUBRICS])
+def test_repository_hidden_checks_pass_the_solution_and_fail_the_stub(path: Path):
+    from labkit.assign import stub_solutions
+
+    rubric = load_rubric(path)
+    nb = nbformat.read(rubric.notebook, as_version=4)
+    for check in (c for c in rubric.checks if c.kind == "hidden"):
+        cell = next(c for c in nb.cells if c.cell_type == "code" and check.after in c.source)
+        for source, should_pass in ((cell.source, True), (stub_solutions(cell.source), False)):
+            ns: dict = {}
+            if "torch" in source:
+                import torch
+
+                ns["torch"] = torch
+            exec(source, ns)
+            try:
+                exec(check.code, dict(ns))
+                passed = True
+            except Exception:
+                passed = False
+            which = "solution" if should_pass else "stub"
+            assert passed == should_pass, f"{check.name} on the {which}"

@@ -1,0 +1,84 @@
+"""``labkit run``: labs run headless, the report shows records and plots, failures name the cell."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from labkit.runner import parse_params, prepare_kernel, run_labs
+
+
+def _lab(path: Path, *cells: str) -> Path:
+    params = new_code_cell('PROFILE = "auto"\nMAX_TOKENS = 8')
+    params.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[new_markdown_cell(f"# {path.stem}"), params,
+                             *[new_code_cell(c) for c in cells]])
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("labs")
+    plot = _lab(tmp / "01_plot.ipynb",
+                "import labkit.grading\nlabkit.grading.record('tokens', MAX_TOKENS * 2)",
+                "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
+    check = _lab(tmp / "02_check.ipynb",
+                 "x = 1",
+                 "if MAX_TOKENS < 1:\n"
+                 "    raise ValueError(f'MAX_TOKENS must be >= 1, got {MAX_TOKENS}')")
+    return run_labs([str(plot), str(check)], profile="ci", params={"MAX_TOKENS": -1},
+                    out_dir=tmp / "run", timeout_s=60)
+
+
+def test_a_bad_parameter_fails_the_run_naming_notebook_and_cell(run):
+    assert not run.ok
+    first, second = run.labs
+    assert first.status == "ok" and second.status == "failed"
+    assert second.failure.cell_index == 3 and "MAX_TOKENS" in second.failure.source
+    assert "02_check.ipynb failed at cell 3: ValueError: MAX_TOKENS must be >= 1, got -1" \
+        in run.failure_message()
+
+
+def test_report_is_self_contained_with_records_and_plots(run):
+    html = run.report.read_text()
+    assert "tokens" in html and "<td>-2</td>" in html  # the record table of 01_plot
+    assert "data:image/png;base64,iVBOR" in html       # the plot, embedded
+    assert "MAX_TOKENS must be &gt;= 1" in html and "02_check.ipynb" in html
+    assert "<script" not in html and "src='http" not in html
+
+
+def test_summary_json_lists_each_lab_with_records_and_versions(run):
+    summary = json.loads(run.summary.read_text())
+    assert summary["ok"] is False and summary["params"] == {"PROFILE": "ci", "MAX_TOKENS": -1}
+    assert {"python", "torch", "transformers", "vllm"} <= set(summary["versions"])
+    assert summary["labs"][0]["records"] == {"tokens": -2} and summary["labs"][0]["plots"] == 1
+    assert summary["labs"][1]["failure"]["cell_index"] == 3
+    assert (run.out_dir / "01_plot.ipynb").is_file()
+
+
+def test_parse_params_reads_json_then_python_literals_then_text():
+    assert parse_params(["MAX_TOKENS=-1", "ENGINE=hf", "RATE=0.5", "SIZES=[1, 2]",
+                         "FLAG=true", "X=None", "NAME=a=b"]) == {
+        "MAX_TOKENS": -1, "ENGINE": "hf", "RATE": 0.5, "SIZES": [1, 2], "FLAG": True,
+        "X": None, "NAME": "a=b"}
+    with pytest.raises(ValueError, match="bad parameter 'MAX_TOKENS'; write NAME=VALUE"):
+        parse_params(["MAX_TOKENS"])
+
+
+def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", "/nonexistent")
+    for var in ("JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
+                "MPLCONFIGDIR", "JUPYTER_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    name = prepare_kernel()
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert spec.argv[0] == sys.executable
+    assert spec.env["MPLBACKEND"].endswith("backend_inline")
