@@ -305,9 +305,11 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
                 [c] = eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
                 done.append(c)
                 bar.update()
-            runs.append(summarize(done, now() - start, name="latency", batch_size=1,
-                                  concurrency=1, prompt_len=prompt_len, out_len=out_len,
-                                  prompt_tokens=sum(c.prompt_tokens for c in done) / len(done)))
+            prompt_tokens = sum(c.prompt_tokens for c in done) / len(done)
+            run = summarize(done, now() - start, name="latency", batch_size=1, concurrency=1,
+                            prompt_len=prompt_len, out_len=out_len, prompt_tokens=prompt_tokens)
+            run.update(roofline_fields(eng, run["tpot_s"]["mean"], prompt_tokens + out_len / 2))
+            runs.append(run)
         bar.close()
         doc = bench_document("latency", runs, engine=eng.name, model=eng.model_name,
                              device=_device_of(eng), warmup=warmup)
@@ -317,6 +319,52 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
     if json_path is not None:
         write_json(doc, json_path)
     return doc
+
+
+def engine_weight_bytes(engine: Engine) -> tuple[int, int]:
+    """(bytes of the weights as the engine holds them, bytes per element of its dtype).
+
+    A transformers engine is measured on its model; for others (vLLM keeps the model in its
+    own worker) we count parameters in the checkpoint's safetensors headers and assume bf16.
+    """
+    from labkit.profiling import weight_bytes
+
+    model = getattr(engine, "model", None)
+    if model is not None and hasattr(model, "parameters"):
+        return weight_bytes(model), next(model.parameters()).element_size()
+    from safetensors import safe_open
+
+    params = 0
+    for path in Path(engine.ref.path).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                params += math.prod(shape)
+    return 2 * params, 2
+
+
+def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float) -> dict:
+    """Batch-1 decode tokens/s (1 / mean TPOT), its memory-bandwidth bound and the fraction.
+
+    Bound = bandwidth / (weight bytes + KV-cache bytes read per step), see
+    ``labkit.profiling.decode_roofline``; bandwidth is the GPU's datasheet HBM figure, or a
+    measured copy bandwidth on a CPU (``bandwidth_source`` says which).
+    """
+    from transformers import AutoConfig
+
+    from labkit.profiling import decode_roofline, kv_cache_bytes_per_token, memory_bandwidth
+
+    weights, elem = engine_weight_bytes(engine)
+    config = AutoConfig.from_pretrained(engine.ref.path)
+    kv = kv_cache_bytes_per_token(config, elem)
+    bandwidth, source = memory_bandwidth(getattr(engine, "device", None)
+                                         if engine.name != "vllm" else "cuda")
+    bound = decode_roofline(weights, kv, context_tokens, 1, bandwidth)
+    measured = 1 / tpot_s if tpot_s and tpot_s > 0 else math.nan
+    return {"decode_tokens_per_s": measured, "weight_bytes": weights,
+            "kv_bytes_per_token": kv, "bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_source": source, "roofline_tokens_per_s": bound,
+            "fraction_of_roofline": measured / bound}
 
 
 def _device_of(engine: Engine) -> str | None:

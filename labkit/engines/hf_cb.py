@@ -44,7 +44,7 @@ class HFContinuousEngine(Engine):
 
         super().__init__(model, device, dtype)
         self._hf = HFEngine(model, device=device, dtype=dtype)  # model, tokenizer, chat template
-        self.model, self.tokenizer = self._hf.model, self._hf.tokenizer
+        self.model, self.tokenizer, self.ref = self._hf.model, self._hf.tokenizer, self._hf.ref
         self.eos_ids = self._hf.eos_ids
         torch.manual_seed(SEED)
         gen = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=50,
