@@ -1,0 +1,618 @@
+"""Quantization from scratch (int8 per-tensor / per-channel, int4 group-wise) and library paths.
+
+From scratch, for reading (all scales and zero points stored in fp16, 2 bytes each):
+
+- int8 symmetric: ``q = round(w / s)`` clamped to [-127, 127], ``w ≈ q * s``. One ``s`` for the
+  whole tensor (per-tensor) or one per output row (per-channel). ``s = max|w| / 127``, so one
+  outlier weight stretches the grid of every weight that shares its scale.
+- int4 group-wise: one scale (and, asymmetric, one zero) per ``group_size`` consecutive weights
+  of a row. Symmetric: ``q`` in [-7, 7], ``w ≈ q * s``. Asymmetric: ``q`` in [0, 15],
+  ``w ≈ q * s + z`` with ``z`` the group minimum (a zero point in the float domain). Two 4-bit
+  codes are packed into one byte.
+
+``QuantLinear`` really stores the int8 / packed int4 codes and dequantizes in ``forward`` (no
+fused kernel: it teaches bytes and error, not speed). ``weight_bytes`` counts the bytes the
+quantized linear layers hold (codes + scales + zero points), ``fp16_weight_bytes`` the same
+layers in fp16. The layers are the decoder's ``nn.Linear`` layers; ``lm_head`` is skipped by default
+(in SmolLM2 it is tied to the input embedding, and keeping it in full precision is usual).
+
+Library paths live in ``METHODS`` (name -> ``Method``); ``run_quant_bench`` measures each one
+(bytes, perplexity, decode tokens/s, agreement) as the ``quant`` bench JSON document.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+INT8_QMAX = 127
+INT4_SYM_QMAX = 7
+INT4_ASYM_QMAX = 15
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_SKIP = ("lm_head",)
+SCALE_DTYPE = torch.float16  # scales and zero points are stored in fp16 (2 bytes each)
+
+
+# --- int8 --------------------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and fp16 scales of a 2-D weight ``[out, in]``.
+
+    Returns ``(q, scale)``: ``q`` int8 of ``w``'s shape; ``scale`` fp16 of shape ``[out, 1]``
+    (per output row) or ``[]`` (one for the tensor). An all-zero row gets scale 1.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_int8 expects a 2-D [out, in] weight, got {tuple(w.shape)}")
+    w = w.detach().float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    scale = torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax)).to(SCALE_DTYPE)
+    q = torch.clamp(torch.round(w / scale.float()), -INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q * scale`` in fp32 (scale broadcasts: per-tensor ``[]`` or per-row ``[out, 1]``)."""
+    return q.float() * scale.float()
+
+
+def int8_bytes(shape: tuple[int, int], per_channel: bool = True) -> int:
+    """Bytes of an int8-quantized ``[out, in]`` weight: 1 per code + 2 per fp16 scale."""
+    out_f, in_f = shape
+    return out_f * in_f + 2 * (out_f if per_channel else 1)
+
+
+# --- int4 --------------------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (integers in [0, 15], last dim even) two per uint8 byte.
+
+    Element ``2k`` goes in the low nibble of byte ``k``, element ``2k + 1`` in the high nibble.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.int16)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) > 15):
+        raise ValueError(f"int4 codes must be in [0, 15], got [{int(c.min())}, {int(c.max())}]")
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: uint8 ``[..., n/2]`` -> codes in [0, 15] as uint8 ``[..., n]``."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+@dataclass
+class Int4Weight:
+    """A group-wise int4 weight: packed codes, fp16 scales (and zero points when asymmetric)."""
+
+    packed: torch.Tensor  # uint8 [out, in/2]
+    scale: torch.Tensor  # fp16 [out, in/group_size]
+    zero: torch.Tensor | None  # fp16 [out, in/group_size] (asymmetric) or None (symmetric)
+    shape: tuple[int, int]
+    group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def nbytes(self) -> int:
+        """Bytes actually held: packed codes + scales (+ zero points)."""
+        tensors = [self.packed, self.scale] + ([] if self.zero is None else [self.zero])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                  symmetric: bool = False) -> Int4Weight:
+    """Group-wise int4 of a 2-D weight ``[out, in]``; ``in`` must be a multiple of group_size."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_int4 expects a 2-D [out, in] weight, got {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    if group_size < 2 or group_size % 2 or in_f % group_size:
+        raise ValueError(f"group_size must be even and divide in_features={in_f}, "
+                         f"got {group_size}")
+    g = w.detach().float().reshape(out_f, in_f // group_size, group_size)
+    if symmetric:
+        amax = g.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / INT4_SYM_QMAX, torch.ones_like(amax)).to(SCALE_DTYPE)
+        q = torch.clamp(torch.round(g / scale.float()), -INT4_SYM_QMAX, INT4_SYM_QMAX) + 8
+        zero = None
+    else:
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        span = hi - lo
+        scale = torch.where(span > 0, span / INT4_ASYM_QMAX, torch.ones_like(span)).to(SCALE_DTYPE)
+        zero = lo.to(SCALE_DTYPE)
+        q = torch.clamp(torch.round((g - zero.float()) / scale.float()), 0, INT4_ASYM_QMAX)
+        zero = zero.squeeze(-1)
+    packed = pack_int4(q.to(torch.uint8).reshape(out_f, in_f))
+    return Int4Weight(packed, scale.squeeze(-1), zero, (out_f, in_f), group_size)
+
+
+def dequantize_int4(qw: Int4Weight) -> torch.Tensor:
+    """The fp32 weight an ``Int4Weight`` stands for."""
+    out_f, in_f = qw.shape
+    codes = unpack_int4(qw.packed).float().reshape(out_f, in_f // qw.group_size, qw.group_size)
+    if qw.zero is None:
+        w = (codes - 8) * qw.scale.float().unsqueeze(-1)
+    else:
+        w = codes * qw.scale.float().unsqueeze(-1) + qw.zero.float().unsqueeze(-1)
+    return w.reshape(out_f, in_f)
+
+
+def int4_bytes(shape: tuple[int, int], group_size: int = DEFAULT_GROUP_SIZE,
+               symmetric: bool = False) -> int:
+    """Bytes of a group-wise int4 ``[out, in]`` weight: half a byte per code, 2 per fp16 scale,
+    and (asymmetric) 2 per fp16 zero point, one scale/zero per group of ``group_size``."""
+    out_f, in_f = shape
+    groups = out_f * math.ceil(in_f / group_size)
+    return math.ceil(out_f * in_f / 2) + groups * 2 * (1 if symmetric else 2)
+
+
+# --- a linear layer that stores int8 / int4 ------------------------------------------------------
+
+SCHEMES = ("int8-tensor", "int8-channel", "int4", "int4-sym")
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` whose weight is stored as int8 or packed int4 codes plus fp16 scales.
+
+    ``forward`` dequantizes the whole weight to the input's dtype, then runs a dense matmul: the
+    numbers are those of the quantized model, the speed is not that of a fused int kernel.
+    """
+
+    def __init__(self, linear: nn.Linear, scheme: str = "int8-channel",
+                 group_size: int = DEFAULT_GROUP_SIZE) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        self.scheme, self.group_size = scheme, group_size
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        if scheme.startswith("int8"):
+            q, scale = quantize_int8(w, per_channel=scheme == "int8-channel")
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale)
+            self.zero = None
+        else:
+            qw = quantize_int4(w, group_size, symmetric=scheme == "int4-sym")
+            self.register_buffer("qweight", qw.packed)
+            self.register_buffer("scale", qw.scale)
+            self.register_buffer("zero", qw.zero)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight the stored codes stand for."""
+        if self.scheme.startswith("int8"):
+            return dequantize_int8(self.qweight, self.scale)
+        qw = Int4Weight(self.qweight, self.scale, self.zero,
+                        (self.out_features, self.in_features), self.group_size)
+        return dequantize_int4(qw)
+
+    def weight_nbytes(self) -> int:
+        """Bytes held for the weight: codes + scales (+ zero points); the bias is not counted."""
+        held = [self.qweight, self.scale] + ([] if self.zero is None else [self.zero])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, w, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"scheme={self.scheme}, group_size={self.group_size}")
+
+
+def target_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Module]:
+    """The layers quantization acts on: every ``nn.Linear`` / ``QuantLinear`` whose name does not
+    end with one of ``skip`` (default: ``lm_head``)."""
+    skip = tuple(skip)
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, QuantLinear))
+            and not any(name == s or name.endswith("." + s) for s in skip)}
+
+
+def quantize_linears(model: nn.Module, scheme: str = "int8-channel",
+                     group_size: int = DEFAULT_GROUP_SIZE,
+                     skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+    """Replace the target ``nn.Linear`` layers with ``QuantLinear`` (in place); returns model."""
+    for name, mod in list(target_linears(model, skip).items()):
+        if isinstance(mod, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, QuantLinear(mod, scheme, group_size))
+    return model
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao) is the sum of its inner tensors."""
+    if t is None:
+        return 0
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
+    """Bytes of the target linear layers' weights as stored now: codes, scales and zero points
+    for quantized ones (ours or torchao's), ``numel * element size`` for dense ones."""
+    total = 0
+    for mod in target_linears(model, skip).values():
+        total += mod.weight_nbytes() if isinstance(mod, QuantLinear) else _tensor_bytes(mod.weight)
+    return total
+
+
+def fp16_weight_bytes(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
+    """Bytes the same target layers' weights take in fp16: 2 * out_features * in_features."""
+    return sum(2 * m.out_features * m.in_features for m in target_linears(model, skip).values())
+
+
+def quantization_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
+    """How far a dequantized weight is from the original: max and RMS absolute error, and the
+    relative error ``||w - w_hat|| / ||w||`` (Frobenius norms)."""
+    d = (w.float() - w_hat.float())
+    return {"max_abs": float(d.abs().max()), "rms": float(d.pow(2).mean().sqrt()),
+            "relative": float(d.norm() / w.float().norm().clamp_min(1e-30))}
+
+
+# --- the method registry ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """One way to make a model smaller. ``can_run(device)`` returns None or why not;
+    ``apply(model)`` returns the quantized model (None for methods run inside an engine)."""
+
+    name: str
+    description: str
+    can_run: Callable[[torch.device], str | None]
+    apply: Callable[[nn.Module], nn.Module] | None = None
+    engine: str | None = None  # run inside this labkit engine instead (apply is None)
+    engine_kwargs: dict = field(default_factory=dict)
+
+
+def _always(device: torch.device) -> None:
+    return None
+
+
+def _needs(*, cuda: bool = False, cpu: bool = False, module: str | None = None,
+           pip: str | None = None):
+    def check(device: torch.device) -> str | None:
+        import importlib.util
+
+        if cuda and device.type != "cuda":
+            return f"needs a CUDA GPU (device here: {device.type})"
+        if cpu and device.type != "cpu":
+            return f"runs on CPU only (device here: {device.type})"
+        if module and importlib.util.find_spec(module) is None:
+            return f"needs the {module} package: pip install {pip or module}"
+        return None
+    return check
+
+
+class _EnumNoticeFilter:
+    """A logging filter dropping torch's 'is an Enum subclass and is now natively supported'."""
+
+    def filter(self, record) -> bool:
+        return "is an Enum subclass" not in record.getMessage()
+
+
+def import_torchao():
+    """``torchao.quantization``, imported with its import-time log lines (missing optional GPU
+    kernels, pytree deprecation notices) silenced: they are timestamped noise on CPU."""
+    import logging
+
+    # torchao registers enums with torch's pytree later too (when transformers loads a model);
+    # torch logs a deprecation line each time. Drop exactly that message, nothing else.
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _EnumNoticeFilter) for f in pytree.filters):
+        pytree.addFilter(_EnumNoticeFilter())
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization as tq
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return tq
+
+
+def _torchao(config_name: str, dtype: torch.dtype | None = None,
+             **kwargs) -> Callable[[nn.Module], nn.Module]:
+    def apply(model: nn.Module) -> nn.Module:
+        tq = import_torchao()
+        if dtype is not None:  # e.g. int4 weight-only packs bf16 weights for its CUDA kernel
+            model = model.to(dtype)
+        targets = set(target_linears(model).values())
+        tq.quantize_(model, getattr(tq, config_name)(**kwargs),
+                     filter_fn=lambda mod, fqn: mod in targets)
+        return model
+    return apply
+
+
+def _scratch(scheme: str, group_size: int = DEFAULT_GROUP_SIZE):
+    return lambda model: quantize_linears(model, scheme, group_size)
+
+
+def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
+    def apply(model: nn.Module) -> nn.Module:
+        import bitsandbytes as bnb
+
+        model = model.to(torch.float16 if kind == "int8" else torch.bfloat16)
+        device = next(model.parameters()).device
+        for name, lin in list(target_linears(model).items()):
+            w = lin.weight.detach().to(torch.float16).cpu()
+            if kind == "int8":
+                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
+                                          has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+            else:
+                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                                        compute_dtype=torch.bfloat16, quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    new.to(device))  # moving to the GPU is what quantizes the weight
+        return model
+    return apply
+
+
+def _legacy_dynamic(model: nn.Module) -> nn.Module:
+    """torch.ao's deprecated eager-mode dynamic int8 (per-tensor weights): a warning example."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        names = set(target_linears(model))
+        return quantize_dynamic(model.float(), {n: torch.ao.quantization.default_dynamic_qconfig
+                                                for n in names}, dtype=torch.qint8)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("fp32", "full precision (float32)", _always, lambda m: m.float()),
+    Method("bf16", "bfloat16 weights and activations", _always, lambda m: m.to(torch.bfloat16)),
+    Method("fp16", "float16 weights and activations", _always, lambda m: m.to(torch.float16)),
+    Method("int8-tensor", "from scratch: int8, one scale per tensor", _always,
+           _scratch("int8-tensor")),
+    Method("int8-channel", "from scratch: int8, one scale per output row", _always,
+           _scratch("int8-channel")),
+    Method("int4-g32", "from scratch: int4 asymmetric, groups of 32", _always, _scratch("int4")),
+    Method("int4-g32-sym", "from scratch: int4 symmetric, groups of 32", _always,
+           _scratch("int4-sym")),
+    Method("int4-g64", "from scratch: int4 asymmetric, groups of 64", _always,
+           _scratch("int4", 64)),
+    Method("int8-wo", "torchao int8 weight-only", _needs(module="torchao"),
+           _torchao("Int8WeightOnlyConfig")),
+    Method("int8-dyn", "torchao int8 dynamic activations, int8 weights",
+           _needs(module="torchao"), _torchao("Int8DynamicActivationInt8WeightConfig")),
+    Method("int4-wo", "torchao int4 weight-only, groups of 64",
+           _needs(cuda=True, module="torchao"), _torchao("Int4WeightOnlyConfig", torch.bfloat16,
+                                                      group_size=64)),
+    Method("bnb-int8", "bitsandbytes LLM.int8()", _needs(cuda=True, module="bitsandbytes"),
+           _bnb("int8")),
+    Method("bnb-nf4", "bitsandbytes 4-bit NormalFloat", _needs(cuda=True, module="bitsandbytes"),
+           _bnb("nf4")),
+    Method("fp8", "vLLM fp8 weights (quantization='fp8' in the vLLM engine)",
+           _needs(cuda=True, module="vllm"), None, engine="vllm",
+           engine_kwargs={"quantization": "fp8"}),
+    Method("torch-ao-dynamic", "DEPRECATED torch.ao.quantization.quantize_dynamic (warning)",
+           _needs(cpu=True), _legacy_dynamic),
+]}
+
+DEFAULT_METHODS = ("fp32", "bf16", "int8-wo", "int8-dyn", "int8-channel", "int4-g32",
+                   "int4-wo", "bnb-int8", "bnb-nf4", "fp8")
+
+
+def get_method(name: str) -> Method:
+    """The registry entry for ``name``; a ValueError lists the known names."""
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; choose one of: "
+                         f"{', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def cannot_run(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why method ``name`` cannot run on ``device`` here, or None when it can."""
+    from labkit.device import pick_device
+
+    return get_method(name).can_run(pick_device(str(device) if device is not None else None))
+
+
+def run_quant_bench(model: str = "smollm2-135m", methods: Iterable[str] | None = None,
+                    device: str | None = None, *, max_eval_tokens: int | None = None,
+                    window: int = 512, stride: int = 256, decode_tokens: int = 32,
+                    b1_requests: int = 2, large_batch: int = 16, agreement_tokens: int = 16,
+                    progress: bool = True) -> dict:
+    """Measure each method on ``model`` and return the ``quant`` bench JSON document.
+
+    Per method (a copy of the fp32 model, quantized): ``weight_bytes`` / ``fp16_weight_bytes``
+    of the target linear layers, ``perplexity`` on the evaluation text (first
+    ``max_eval_tokens`` tokens), batch-1 greedy decode tokens/s over ``b1_requests`` requests of
+    ``decode_tokens`` tokens (after a warm-up; the contract's latency fields come from these),
+    ``decode_tokens_per_s_large`` at ``large_batch``, and ``agreement`` with the fp32 model's
+    greedy tokens. A method that cannot run here, or fails, is a run with ``"skipped": reason``.
+    """
+    import copy
+    import gc
+
+    from tqdm.auto import tqdm
+
+    from labkit import quality
+    from labkit.device import pick_device
+    from labkit.metrics import bench_document
+    from labkit.models import load_model
+
+    names = list(methods) if methods is not None else list(DEFAULT_METHODS)
+    for name in names:
+        get_method(name)  # unknown names fail before any work
+    dev = pick_device(device)
+    base, tok, _ = load_model(model, dev, "float32")
+    ids = quality.eval_token_ids(tok, max_eval_tokens)
+    reference = quality.greedy_outputs(base, tok, max_new_tokens=agreement_tokens)
+    settings = {"eval_tokens": len(ids), "window": window, "stride": stride,
+                "decode_tokens": decode_tokens, "large_batch_size": large_batch,
+                "agreement_prompts": len(reference), "agreement_tokens": agreement_tokens}
+    runs = []
+    for name in tqdm(names, desc="quant methods", disable=not progress):
+        method = get_method(name)
+        reason = method.can_run(dev)
+        if reason is None and method.apply is None:
+            reason = f"runs inside the {method.engine} engine: labkit.engines.get_engine(" \
+                     f"{method.engine!r}, **{method.engine_kwargs}); not measured by this bench"
+        if reason is not None:
+            runs.append({"name": name, "description": method.description, "skipped": reason})
+            continue
+        qmodel = None
+        try:
+            qmodel = method.apply(copy.deepcopy(base))
+            run = _measure(qmodel, tok, ids, reference, window, stride, decode_tokens,
+                           b1_requests, large_batch, agreement_tokens)
+            run.update(name=name, description=method.description)
+            runs.append(run)
+        except Exception as err:  # noqa: BLE001 - one broken method never stops the table
+            runs.append({"name": name, "description": method.description,
+                         "skipped": f"failed here: {type(err).__name__}: {err}"})
+        finally:
+            del qmodel
+            gc.collect()
+    return bench_document("quant", runs, engine="hf", model=model, device=_device_label(dev),
+                          settings=settings)
+
+
+def _device_label(dev: torch.device) -> str:
+    from labkit.device import device_name
+
+    return device_name(dev)
+
+
+def _measure(qmodel, tok, ids, reference, window, stride, decode_tokens, b1_requests,
+             large_batch, agreement_tokens) -> dict:
+    """One method's run entry (see ``run_quant_bench``)."""
+    from labkit import quality
+    from labkit.metrics import summarize
+
+    wb, fb = weight_bytes(qmodel), fp16_weight_bytes(qmodel)
+    ppl = quality.perplexity(qmodel, ids, window, stride)
+    agree = quality.agreement(reference, quality.greedy_outputs(
+        qmodel, tok, max_new_tokens=agreement_tokens))
+    timed_generate(qmodel, tok, 1, 2)  # warm-up: lazy init, first-call allocations
+    b1 = [c for _ in range(b1_requests) for c in timed_generate(qmodel, tok, 1, decode_tokens)]
+    duration = sum(c.e2e_s for c in b1)
+    timed_generate(qmodel, tok, large_batch, 2)
+    big = timed_generate(qmodel, tok, large_batch, decode_tokens)
+    return summarize(
+        b1, duration, name="", batch_size=1,
+        weight_bytes=wb, fp16_weight_bytes=fb, weight_ratio_vs_fp16=wb / fb,
+        perplexity=ppl, decode_tokens_per_s_b1=_decode_rate(b1, 1),
+        decode_tokens_per_s_large=_decode_rate(big, large_batch), large_batch_size=large_batch,
+        agreement=agree["exact"], agreement_prefix_tokens=agree["mean_prefix_tokens"])
+
+
+DECODE_PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def timed_generate(model, tokenizer, batch_size: int = 1, max_new_tokens: int = 32,
+                   prompt: str = DECODE_PROMPT) -> list:
+    """Greedy-decode ``max_new_tokens`` tokens (EOS ignored) for ``batch_size`` copies of one
+    chat prompt; returns labkit ``Completion`` objects whose token times are stamped on the host as
+    each step's tokens arrive (so TTFT/TPOT/ITL are wall-clock seconds)."""
+    from labkit.engines.base import Completion, now
+
+    ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=True,
+                                             return_dict=False))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids] * batch_size, device=device)
+    stamps = _Stamps()
+    start = now()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id, streamer=stamps)
+    end = now()
+    new = out[:, len(ids):].tolist()
+    return [Completion(request_id=f"quant-{i}", text="", token_ids=row, prompt_tokens=len(ids),
+                       finish_reason="length", start_s=start, token_times_s=list(stamps.times),
+                       end_s=end) for i, row in enumerate(new)]
+
+
+class _Stamps:
+    """A ``generate`` streamer that only records when each decode step's tokens reach the host
+    (generate hands the streamer CPU tensors, so the device has finished that step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        from labkit.engines.base import now
+
+        if not self._prompt_seen:  # the first put is the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(now())
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_rate(completions, batch_size: int) -> float:
+    """Decode tokens/s at ``batch_size``: rows per step / mean TPOT (first token excluded)."""
+    tpots = [c.tpot_s for c in completions if c.tpot_s]
+    return batch_size / (sum(tpots) / len(tpots)) if tpots else float("nan")
+
+
+def bench_table(doc: dict):
+    """The runs of a ``quant`` bench document as a small pandas table (n/a + reason rows)."""
+    import pandas as pd
+
+    nan = float("nan")
+    big = doc.get("settings", {}).get("large_batch_size", "N")
+    rows = []
+    for r in doc["runs"]:
+        rows.append({
+            "method": r["name"],
+            "weight_MB": r.get("weight_bytes", nan) / 1e6,
+            "x_fp16": r.get("weight_ratio_vs_fp16", nan),
+            "perplexity": r.get("perplexity", nan),
+            "tok/s b1": r.get("decode_tokens_per_s_b1", nan),
+            f"tok/s b{big}": r.get("decode_tokens_per_s_large", nan),
+            "agreement": r.get("agreement", nan),
+            "skipped": r.get("skipped", ""),
+        })
+    return pd.DataFrame(rows).set_index("method")
+
+
+def plot_tradeoff(doc: dict, x: str = "weight_bytes", ax=None):
+    """Scatter of ``x`` (``weight_bytes`` or ``decode_tokens_per_s_b1``) against perplexity for
+    the runs of a ``quant`` bench document that ran; each point labelled with its method."""
+    import matplotlib.pyplot as plt
+
+    labels = {"weight_bytes": "weight bytes of the linear layers (MB)",
+              "decode_tokens_per_s_b1": "decode tokens/s at batch 1",
+              "decode_tokens_per_s_large": "decode tokens/s at a large batch"}
+    if x not in labels:
+        raise ValueError(f"unknown x {x!r}; choose one of: {', '.join(labels)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    scale = 1e-6 if x == "weight_bytes" else 1.0
+    for run in doc["runs"]:
+        if "skipped" in run:
+            continue
+        ax.scatter(run[x] * scale, run["perplexity"])
+        ax.annotate(run["name"], (run[x] * scale, run["perplexity"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(labels[x])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{doc['model']} on {doc['device']}")
+    return ax
