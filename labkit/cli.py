@@ -94,7 +94,7 @@ def _cmd_bench(args) -> int:
         doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
                               repeat_fraction=args.repeat_fraction)
     elif kind == "quant":
-        from labkit.quant import run_quant_bench
+        from labkit.quant_bench import run_quant_bench
 
         methods = args.methods.split(",") if args.methods else None
         doc = run_quant_bench(args.model, methods=methods)

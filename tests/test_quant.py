@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import quant
+from labkit import quant, quant_bench
 
 
 def _weight_with_outlier_row(seed: int = 0) -> torch.Tensor:
@@ -147,7 +147,7 @@ def test_torchao_int8_weight_only_bytes_are_counted_from_its_tensors():
 
 @pytest.mark.slow
 def test_quant_bench_follows_the_contract_and_skips_what_cannot_run():
-    doc = quant.run_quant_bench(
+    doc = quant_bench.run_quant_bench(
         "smollm2-135m", ["fp32", "int8-channel", "int4-wo"], device="cpu", max_eval_tokens=64,
         window=64, stride=64, decode_tokens=3, b1_requests=1, large_batch=2,
         agreement_tokens=2, progress=False)

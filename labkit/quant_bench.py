@@ -1,0 +1,203 @@
+"""The ``quant`` bench: every quantization method measured for size, speed and quality together.
+
+Split from ``labkit.quant`` (the methods themselves); see ``run_quant_bench``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from labkit.quant import DEFAULT_METHODS, fp16_weight_bytes, get_method, weight_bytes
+
+
+def run_quant_bench(model: str = "smollm2-135m", methods: Iterable[str] | None = None,
+                    device: str | None = None, *, max_eval_tokens: int | None = None,
+                    window: int = 512, stride: int = 256, decode_tokens: int = 32,
+                    b1_requests: int = 2, large_batch: int = 16, agreement_tokens: int = 16,
+                    progress: bool = True) -> dict:
+    """Measure each method on ``model`` and return the ``quant`` bench JSON document.
+
+    Per method (a copy of the fp32 model, quantized): ``weight_bytes`` / ``fp16_weight_bytes``
+    of the target linear layers, ``perplexity`` on the evaluation text (first
+    ``max_eval_tokens`` tokens), batch-1 greedy decode tokens/s over ``b1_requests`` requests of
+    ``decode_tokens`` tokens (after a warm-up; the contract's latency fields come from these),
+    ``decode_tokens_per_s_large`` at ``large_batch``, and ``agreement`` with the fp32 model's
+    greedy tokens. A method that cannot run here, or fails, is a run with ``"skipped": reason``.
+    """
+    import copy
+    import gc
+
+    from tqdm.auto import tqdm
+
+    from labkit import quality
+    from labkit.device import pick_device
+    from labkit.metrics import bench_document
+    from labkit.models import load_model
+
+    names = list(methods) if methods is not None else list(DEFAULT_METHODS)
+    for name in names:
+        get_method(name)  # unknown names fail before any work
+    dev = pick_device(device)
+    base, tok, _ = load_model(model, dev, "float32")
+    ids = quality.eval_token_ids(tok, max_eval_tokens)
+    reference = quality.greedy_outputs(base, tok, max_new_tokens=agreement_tokens)
+    settings = {"eval_tokens": len(ids), "window": window, "stride": stride,
+                "decode_tokens": decode_tokens, "large_batch_size": large_batch,
+                "agreement_prompts": len(reference), "agreement_tokens": agreement_tokens}
+    runs = []
+    for name in tqdm(names, desc="quant methods", disable=not progress):
+        method = get_method(name)
+        reason = method.can_run(dev)
+        if reason is None and method.apply is None:
+            reason = f"runs inside the {method.engine} engine: labkit.engines.get_engine(" \
+                     f"{method.engine!r}, **{method.engine_kwargs}); not measured by this bench"
+        if reason is not None:
+            runs.append({"name": name, "description": method.description, "skipped": reason})
+            continue
+        qmodel = None
+        try:
+            qmodel = method.apply(copy.deepcopy(base))
+            run = _measure(qmodel, tok, ids, reference, window, stride, decode_tokens,
+                           b1_requests, large_batch, agreement_tokens)
+            run.update(name=name, description=method.description)
+            runs.append(run)
+        except Exception as err:  # noqa: BLE001 - one broken method never stops the table
+            runs.append({"name": name, "description": method.description,
+                         "skipped": f"failed here: {type(err).__name__}: {err}"})
+        finally:
+            del qmodel
+            gc.collect()
+    return bench_document("quant", runs, engine="hf", model=model, device=_device_label(dev),
+                          settings=settings)
+
+
+def _device_label(dev: torch.device) -> str:
+    from labkit.device import device_name
+
+    return device_name(dev)
+
+
+def _measure(qmodel, tok, ids, reference, window, stride, decode_tokens, b1_requests,
+             large_batch, agreement_tokens) -> dict:
+    """One method's run entry (see ``run_quant_bench``)."""
+    from labkit import quality
+    from labkit.metrics import summarize
+
+    wb, fb = weight_bytes(qmodel), fp16_weight_bytes(qmodel)
+    ppl = quality.perplexity(qmodel, ids, window, stride)
+    agree = quality.agreement(reference, quality.greedy_outputs(
+        qmodel, tok, max_new_tokens=agreement_tokens))
+    timed_generate(qmodel, tok, 1, 2)  # warm-up: lazy init, first-call allocations
+    b1 = [c for _ in range(b1_requests) for c in timed_generate(qmodel, tok, 1, decode_tokens)]
+    duration = sum(c.e2e_s for c in b1)
+    timed_generate(qmodel, tok, large_batch, 2)
+    big = timed_generate(qmodel, tok, large_batch, decode_tokens)
+    return summarize(
+        b1, duration, name="", batch_size=1,
+        weight_bytes=wb, fp16_weight_bytes=fb, weight_ratio_vs_fp16=wb / fb,
+        perplexity=ppl, decode_tokens_per_s_b1=_decode_rate(b1, 1),
+        decode_tokens_per_s_large=_decode_rate(big, large_batch), large_batch_size=large_batch,
+        agreement=agree["exact"], agreement_prefix_tokens=agree["mean_prefix_tokens"])
+
+
+DECODE_PROMPT = "Write a short story about a lighthouse keeper."
+
+
+def timed_generate(model, tokenizer, batch_size: int = 1, max_new_tokens: int = 32,
+                   prompt: str = DECODE_PROMPT) -> list:
+    """Greedy-decode ``max_new_tokens`` tokens (EOS ignored) for ``batch_size`` copies of one
+    chat prompt; returns labkit ``Completion`` objects whose token times are stamped on the host as
+    each step's tokens arrive (so TTFT/TPOT/ITL are wall-clock seconds)."""
+    from labkit.engines.base import Completion, now
+
+    ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=True,
+                                             return_dict=False))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids] * batch_size, device=device)
+    stamps = _Stamps()
+    start = now()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None,
+                             pad_token_id=tokenizer.pad_token_id, streamer=stamps)
+    end = now()
+    new = out[:, len(ids):].tolist()
+    return [Completion(request_id=f"quant-{i}", text="", token_ids=row, prompt_tokens=len(ids),
+                       finish_reason="length", start_s=start, token_times_s=list(stamps.times),
+                       end_s=end) for i, row in enumerate(new)]
+
+
+class _Stamps:
+    """A ``generate`` streamer that only records when each decode step's tokens reach the host
+    (generate hands the streamer CPU tensors, so the device has finished that step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        from labkit.engines.base import now
+
+        if not self._prompt_seen:  # the first put is the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(now())
+
+    def end(self) -> None:
+        pass
+
+
+def _decode_rate(completions, batch_size: int) -> float:
+    """Decode tokens/s at ``batch_size``: rows per step / mean TPOT (first token excluded)."""
+    tpots = [c.tpot_s for c in completions if c.tpot_s]
+    return batch_size / (sum(tpots) / len(tpots)) if tpots else float("nan")
+
+
+def bench_table(doc: dict):
+    """The runs of a ``quant`` bench document as a small pandas table (n/a + reason rows)."""
+    import pandas as pd
+
+    nan = float("nan")
+    big = doc.get("settings", {}).get("large_batch_size", "N")
+    rows = []
+    for r in doc["runs"]:
+        rows.append({
+            "method": r["name"],
+            "weight_MB": r.get("weight_bytes", nan) / 1e6,
+            "x_fp16": r.get("weight_ratio_vs_fp16", nan),
+            "perplexity": r.get("perplexity", nan),
+            "tok/s b1": r.get("decode_tokens_per_s_b1", nan),
+            f"tok/s b{big}": r.get("decode_tokens_per_s_large", nan),
+            "agreement": r.get("agreement", nan),
+            "skipped": r.get("skipped", ""),
+        })
+    return pd.DataFrame(rows).set_index("method")
+
+
+def plot_tradeoff(doc: dict, x: str = "weight_bytes", ax=None):
+    """Scatter of ``x`` (``weight_bytes`` or ``decode_tokens_per_s_b1``) against perplexity for
+    the runs of a ``quant`` bench document that ran; each point labelled with its method."""
+    import matplotlib.pyplot as plt
+
+    labels = {"weight_bytes": "weight bytes of the linear layers (MB)",
+              "decode_tokens_per_s_b1": "decode tokens/s at batch 1",
+              "decode_tokens_per_s_large": "decode tokens/s at a large batch"}
+    if x not in labels:
+        raise ValueError(f"unknown x {x!r}; choose one of: {', '.join(labels)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 3.8))
+    scale = 1e-6 if x == "weight_bytes" else 1.0
+    for run in doc["runs"]:
+        if "skipped" in run:
+            continue
+        ax.scatter(run[x] * scale, run["perplexity"])
+        ax.annotate(run["name"], (run[x] * scale, run["perplexity"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(labels[x])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{doc['model']} on {doc['device']}")
+    return ax
