@@ -343,18 +343,22 @@ def engine_weight_bytes(engine: Engine) -> tuple[int, int]:
     return 2 * params, 2
 
 
-def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float) -> dict:
+def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float,
+                    weight_bytes: int | None = None) -> dict:
     """Batch-1 decode tokens/s (1 / mean TPOT), its memory-bandwidth bound and the fraction.
 
     Bound = bandwidth / (weight bytes + KV-cache bytes read per step), see
     ``labkit.profiling.decode_roofline``; bandwidth is the GPU's datasheet HBM figure, or a
-    measured copy bandwidth on a CPU (``bandwidth_source`` says which).
+    measured copy bandwidth on a CPU (``bandwidth_source`` says which). Pass ``weight_bytes``
+    for quantized weights, whose packed size the engine's parameters do not show.
     """
     from transformers import AutoConfig
 
     from labkit.profiling import decode_roofline, kv_cache_bytes_per_token, memory_bandwidth
 
     weights, elem = engine_weight_bytes(engine)
+    elem = 2 if weight_bytes is not None else elem  # quantized models keep a bf16 KV cache
+    weights = weight_bytes if weight_bytes is not None else weights
     config = AutoConfig.from_pretrained(engine.ref.path)
     kv = kv_cache_bytes_per_token(config, elem)
     bandwidth, source = memory_bandwidth(getattr(engine, "device", None)

@@ -94,10 +94,13 @@ def _cmd_bench(args) -> int:
         doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
                               repeat_fraction=args.repeat_fraction)
     elif kind == "quant":
-        from labkit.quant_bench import run_quant_bench
+        from labkit.quant_bench import run_decode_speed_bench, run_quant_bench
 
         methods = args.methods.split(",") if args.methods else None
-        doc = run_quant_bench(args.model, methods=methods)
+        if args.decode_speed:
+            doc = run_decode_speed_bench(args.model, **({"methods": methods} if methods else {}))
+        else:
+            doc = run_quant_bench(args.model, methods=methods)
     else:  # serve
         from labkit.serve_bench import run_serve_bench
 
@@ -185,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrencies", help="batching/serve: client counts, e.g. 1,16,64")
     p.add_argument("--repeat-fraction", type=float, default=0.5, help="cache: repeated share")
     p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
+    p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "
+                   "per weight format on the compiled static-cache path (GPU; no perplexity)")
     p.add_argument("--url", help="serve: base URL of an OpenAI-compatible server")
     p.add_argument("--rate", type=float, help="serve: open-loop Poisson rate (req/s)")
     p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")

@@ -201,3 +201,91 @@ def plot_tradeoff(doc: dict, x: str = "weight_bytes", ax=None):
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"{doc['model']} on {doc['device']}")
     return ax
+
+
+def run_decode_speed_bench(model: str = "synthetic-8b",
+                           methods: Iterable[str] = ("bf16", "int8-wo", "int4-wo", "fp8"),
+                           *, prompt_len: int = 128, out_len: int = 128, requests: int = 2,
+                           compile: bool = True, progress: bool = True) -> dict:
+    """Batch-1 decode tokens/s of each weight format on the fastest path of its engine.
+
+    Quantized weights pay off on a GPU only when decode is memory-bound, so the Python overhead
+    of ``generate`` must be gone first: each method runs in labkit's static-cache decode loop,
+    compiled to CUDA graphs (``HFEngine(static_cache=True, compile=True)``), and ``fp8`` runs in
+    vLLM (``quantization="fp8"``, CUDA graphs). Synthetic models have random weights, so this
+    bench measures speed and bytes only; quality comes from ``run_quant_bench`` on real weights.
+    Each run has the contract's latency fields plus ``decode_tokens_per_s_b1``, ``weight_bytes``
+    and the roofline fields of ``labkit.bench.roofline_fields``.
+    """
+    import gc
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    from labkit.bench import prompt_of_length, roofline_fields
+    from labkit.device import pick_device
+    from labkit.engines import Request, get_engine
+    from labkit.metrics import bench_document, summarize
+
+    dev = pick_device()
+    runs = []
+    for name in tqdm(list(methods), desc="decode speed", disable=not progress):
+        method = get_method(name)
+        reason = method.can_run(dev)
+        if reason is not None:
+            runs.append({"name": name, "skipped": reason})
+            continue
+        engine = None
+        try:
+            if method.apply is None:  # runs inside its engine (vLLM fp8)
+                engine = get_engine(method.engine, model=model, **method.engine_kwargs)
+                wbytes = _fp8_checkpoint_bytes(engine.ref.path)
+            else:
+                engine = get_engine("hf", model=model, dtype="bfloat16", static_cache=True,
+                                    compile=compile)
+                untouched = _param_bytes(engine.model) - fp16_weight_bytes(engine.model)
+                engine.model = engine.decoder.model = method.apply(engine.model)
+                wbytes = untouched + weight_bytes(engine.model)
+            text = prompt_of_length(engine.tokenizer, prompt_len)
+            req = partial(Request, prompt=text, max_tokens=out_len, ignore_eos=True)
+            engine.generate([req()])  # warm-up: compilation and CUDA-graph capture
+            engine.generate([req()])
+            done = [engine.generate([req()])[0] for _ in range(requests)]
+            run = summarize(done, sum(c.e2e_s for c in done), name=name, batch_size=1,
+                            concurrency=1, engine=engine.name)
+            run.update(roofline_fields(engine, run["tpot_s"]["mean"], prompt_len + out_len / 2,
+                                       weight_bytes=wbytes))
+            run["decode_tokens_per_s_b1"] = run["decode_tokens_per_s"]
+            runs.append(run)
+        except Exception as err:  # noqa: BLE001 - one broken method never stops the table
+            runs.append({"name": name, "skipped": f"failed here: {type(err).__name__}: {err}"})
+        finally:
+            if engine is not None:
+                engine.close()
+            del engine
+            gc.collect()
+    return bench_document("quant", runs, engine="hf-static-compile", model=model,
+                          settings={"prompt_len": prompt_len, "out_len": out_len,
+                                    "compile": compile})
+
+
+def _param_bytes(model) -> int:
+    """Bytes of all parameters as stored (bf16 model: 2 per element)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _fp8_checkpoint_bytes(path: str) -> int:
+    """Weight bytes once vLLM's fp8 mode stores the linear layers' weights in 1 byte each
+    (per-tensor scales are negligible); embeddings, norms and the output layer stay bf16."""
+    import math
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                numel = math.prod(f.get_slice(name).get_shape())
+                total += numel * (1 if name.endswith("_proj.weight") else 2)
+    return total
