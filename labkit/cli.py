@@ -109,7 +109,8 @@ def _cmd_bench(args) -> int:
         extra = {"concurrencies": int_list(args.concurrencies)} if args.concurrencies else {}
         if args.num_requests:
             extra["num_requests"] = args.num_requests
-        doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate, **extra)
+        doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate,
+                              stream=not args.no_stream, **extra)
     if json_path:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
@@ -148,6 +149,22 @@ def _cmd_grade(args) -> int:
     print(frame[["submission", "status", "total", "max", "reason"]].to_string(index=False))
     print(f"grades: {args.out}")
     return 0  # failing submissions are graded rows in the CSV, not a failed command
+
+
+def _cmd_serve(args) -> int:
+    if args.ray:
+        from labkit.scale import serve_ray
+
+        serve_ray(model=args.model, engine=args.engine, replicas=args.replicas, host=args.host,
+                  port=args.port, max_batch_size=args.max_batch_size,
+                  max_wait_ms=args.max_wait_ms)
+        return 0
+    from labkit.http import serve
+
+    serve(engine=args.engine, model=args.model, host=args.host, port=args.port,
+          cache=not args.no_cache, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per weight format on the compiled static-cache path (GPU; no perplexity)")
     p.add_argument("--url", help="serve: base URL of an OpenAI-compatible server")
     p.add_argument("--rate", type=float, help="serve: open-loop Poisson rate (req/s)")
+    p.add_argument("--no-stream", action="store_true", help="serve: non-streaming requests")
     p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")
     p.add_argument("--compile", action="store_true", help="hf: compile the decode step "
                    "(CUDA graphs; needs --static-cache)")
@@ -199,6 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-caching", choices=["on", "off"], help="vllm: prefix caching")
     p.add_argument("--quantization", help="vllm: e.g. fp8")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: cache -> batcher -> engine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--engine", default="auto", choices=ENGINES)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--no-cache", action="store_true", help="no Redis response cache")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead")
+    p.add_argument("--replicas", type=int, default=2, help="--ray: replica count")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("run", help="execute the labs with papermill and write report.html")
     p.add_argument("notebooks", nargs="*", help="default: every notebooks/NN_*.ipynb in order")

@@ -1,0 +1,192 @@
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1, driven by the official client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from labkit.cache import AsyncResponseCache
+from labkit.engines.base import Completion, Engine, now
+from labkit.http import BackgroundServer
+from labkit.service import InferenceService
+
+MODEL = "smollm2-135m"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class GatedWords(Engine):
+    """A fake engine: streams the prompt's words, one per ``step_s``; can be held at a gate."""
+
+    name = "words"
+
+    def __init__(self, step_s: float = 0.02) -> None:
+        super().__init__(MODEL)
+        self.step_s = step_s
+        self.gate = threading.Event()
+        self.gate.set()
+        self.finished: list[str] = []
+
+    def generate(self, requests, on_token=None):
+        start = now()
+        self.gate.wait()
+        words = [(r.prompt or r.messages[-1]["content"]).split()[:r.max_tokens] for r in requests]
+        times: list[list[float]] = [[] for _ in requests]
+        for step in range(max(map(len, words))):
+            time.sleep(self.step_s)
+            t = now()
+            for i, w in enumerate(words):
+                if step < len(w):
+                    times[i].append(t)
+                    if on_token is not None:
+                        on_token(i, step, (" " if step else "") + w[step], t)
+        self.finished += [" ".join(w) for w in words]
+        return [Completion(r.request_id, " ".join(w), list(range(len(w))), 1, "length", start, ts,
+                           now()) for r, w, ts in zip(requests, words, times)]
+
+
+@pytest.fixture(scope="module")
+def server(hf_engine):
+    service = InferenceService(hf_engine, AsyncResponseCache(MODEL, "lru"), model_name=MODEL,
+                               max_batch_size=8, max_wait_ms=5)
+    with BackgroundServer(service) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_completion_with_the_openai_client(client):
+    out = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                    max_tokens=4, temperature=0)
+    assert out.object == "text_completion" and out.model == MODEL and out.id.startswith("cmpl-")
+    assert out.choices[0].text.strip() and out.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= out.usage.completion_tokens <= 4 and out.usage.prompt_tokens > 0
+
+
+def test_chat_completion_and_its_stream_agree(client):
+    out = client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=8,
+                                         temperature=0)
+    text = out.choices[0].message.content
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert text.startswith("The capital of France is")
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CAPITAL, max_tokens=8,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    m = httpx.get(server.url + "/metrics").json()
+    assert m["completed"] >= 1 and "p99" in m["latency_s"] and "batching" in m
+
+
+def test_malformed_json_is_a_400_with_a_message(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "malformed JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_model_is_a_404_naming_both_models(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-9", messages=CAPITAL, max_tokens=4)
+    assert "gpt-9" in str(err.value) and MODEL in str(err.value)
+
+
+def test_max_tokens_below_one_is_a_400_naming_the_field_and_range(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=0)
+    body = err.value.body
+    assert body["param"] == "max_tokens" and "[1, 4096]" in body["message"]
+
+
+def test_overload_is_a_503_and_the_server_recovers():
+    engine = GatedWords()
+    engine.gate.clear()
+    service = InferenceService(engine, model_name=MODEL, max_batch_size=1, max_wait_ms=0,
+                               max_queue=1)
+    body = {"model": MODEL, "prompt": "a b", "max_tokens": 2}
+
+    async def burst(url):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            first = asyncio.create_task(http.post("/v1/completions", json=body))
+            await asyncio.sleep(0.3)  # in the engine, held at the gate
+            rest = [asyncio.create_task(http.post("/v1/completions", json=body))
+                    for _ in range(3)]
+            await asyncio.sleep(0.3)
+            engine.gate.set()
+            return await asyncio.gather(first, *rest)
+
+    with BackgroundServer(service) as srv:
+        replies = asyncio.run(burst(srv.url))
+        later = httpx.post(srv.url + "/v1/completions", json=body)
+    codes = sorted(r.status_code for r in replies)
+    assert codes == [200, 200, 503, 503]  # 1 running + max_queue=1 waiting; 2 turned away
+    rejected = next(r for r in replies if r.status_code == 503)
+    assert "max_queue=1" in rejected.json()["error"]["message"]
+    assert rejected.headers["retry-after"] == "1"
+    assert later.status_code == 200 and later.json()["choices"][0]["text"] == "a b"
+
+
+def test_client_that_hangs_up_mid_stream_does_not_break_others():
+    engine = GatedWords(step_s=0.05)
+    service = InferenceService(engine, model_name=MODEL, max_batch_size=4, max_wait_ms=50)
+    words = "one two three four five six seven eight"
+
+    def body(prompt, stream):
+        return {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": stream}
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+            other = asyncio.create_task(http.post("/v1/completions", json=body(words, False)))
+            async with http.stream("POST", "/v1/completions", json=body("q " + words, True)) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        first = json.loads(line[6:])["choices"][0]["text"]
+                        break  # hang up after the first token
+            return first, (await other).json()["choices"][0]["text"]
+
+    with BackgroundServer(service) as srv:
+        first, other_text = asyncio.run(main(srv.url))
+        m = httpx.get(srv.url + "/metrics").json()
+    assert first == "q" and other_text == words
+    assert m["cancelled"] == 1 and m["errors"] == 0  # the server noticed the hang-up
+    assert m["batching"]["batch_size_counts"] == {"2": 1}  # and the two shared one batch
+
+
+def test_serve_bench_times_every_streamed_token(tmp_path):
+    from labkit.engines import Request
+    from labkit.serve_bench import run_serve_bench
+    from labkit.widgets import LoadTestView
+
+    engine = GatedWords(step_s=0.01)
+    service = InferenceService(engine, model_name=MODEL, max_batch_size=4, max_wait_ms=5)
+    workload = [Request(prompt=f"w{i} b c d e", max_tokens=5, request_id=f"b{i}")
+                for i in range(8)]
+    view = LoadTestView(widgets=False)
+    with BackgroundServer(service) as srv:
+        doc = run_serve_bench(srv.url, concurrencies=[1, 4], workload=workload, warmup=1,
+                              json_path=tmp_path / "serve.json", view=view)
+    assert doc["bench"] == "serve" and doc["engine"] == "words" and doc["model"] == MODEL
+    assert json.loads((tmp_path / "serve.json").read_text())["runs"] == doc["runs"]
+    one, four = doc["runs"]
+    assert (one["concurrency"], four["concurrency"]) == (1, 4)
+    for run in doc["runs"]:
+        assert run["num_requests"] == 8 and run["failed"] == 0 and run["output_tokens"] == 40
+        assert 0 < run["ttft_s"]["p50"] < run["e2e_s"]["p50"]
+        assert 0.005 < run["itl_s"]["p50"] < 0.2  # one chunk per 10 ms engine step
+    assert four["requests_per_s"] > 1.5 * one["requests_per_s"]  # batching over HTTP pays
+    assert view.history and view.history[-1]["done"] == 8
