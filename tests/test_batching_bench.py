@@ -1,0 +1,120 @@
+"""The batching bench: padding is counted right, OOM sizes are recorded, and on a CPU a batch of
+16 gives at least 4x the tokens/s of batch 1, and the DynamicBatcher keeps up with static."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labkit.batching_bench import (
+    padding_fraction,
+    run_batching_bench,
+    static_run,
+    static_sweep,
+)
+from labkit.bench import make_workload
+from labkit.engines.base import Completion, Engine, now
+from labkit.metrics import STATS_KEYS
+
+CONTRACT = ("name", "batch_size", "concurrency", "request_rate", "num_requests", "output_tokens",
+            "duration_s", "requests_per_s", "output_tokens_per_s", "ttft_s", "tpot_s", "itl_s",
+            "e2e_s")
+
+
+def test_padding_fraction_on_a_hand_made_example():
+    # Batches [2, 6] and [4, 4] padded to 6 and 4: 12 + 8 = 20 slots, 16 used -> 4 / 20.
+    assert padding_fraction([2, 6, 4, 4], 2) == pytest.approx(4 / 20)
+    # Sorting (bucketing by length) helps when long and short alternate: 16 / 36 -> 0.
+    assert padding_fraction([1, 9, 1, 9], 2) == pytest.approx(16 / 36)
+    assert padding_fraction([1, 9, 1, 9], 2, sort=True) == 0.0
+    assert padding_fraction([5, 5, 5], 1) == 0.0
+    with pytest.raises(ValueError, match="batch_size"):
+        padding_fraction([1], 0)
+
+
+class FakeEngine(Engine):
+    """Echoes with 2 tokens per request; raises CUDA OOM for batches of ``oom_at`` or more."""
+
+    name = "fake"
+
+    def __init__(self, oom_at: int) -> None:
+        super().__init__("fake")
+        self.oom_at = oom_at
+        from transformers import AutoTokenizer
+
+        from labkit.models import resolve
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
+
+    def generate(self, requests, on_token=None):
+        if len(requests) >= self.oom_at:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        start = now()
+        t = now()
+        return [Completion(r.request_id, "ok", [1, 2], 3, "length", start, [t, t + 1e-3],
+                           t + 1e-3) for r in requests]
+
+
+def test_oom_size_is_recorded_and_the_sweep_goes_on():
+    runs = static_sweep(FakeEngine(oom_at=8), make_workload(16, min_output_tokens=2,
+                                                            max_output_tokens=2),
+                        [1, 8, 2], progress=False)
+    assert [r["batch_size"] for r in runs] == [1, 8, 2]
+    assert [r.get("error") for r in runs] == [None, "OOM", None]
+    assert math.isnan(runs[1]["output_tokens_per_s"])
+    assert runs[2]["output_tokens"] == 32
+    for run in runs:
+        assert set(CONTRACT) <= set(run)
+
+
+@pytest.fixture(scope="module")
+def document(hf_engine):
+    """A small batching bench on the bundled model: fixed 24-token outputs for the comparison."""
+    return run_batching_bench(hf_engine, batch_sizes=[1, 16], concurrencies=[16],
+                              num_requests=16, output_tokens=24, max_output_tokens=24,
+                              continuous_engine="none", progress=False)
+
+
+@pytest.mark.slow
+def test_document_follows_the_bench_contract(document):
+    assert document["bench"] == "batching" and document["engine"] == "hf"
+    assert {"device", "model", "labkit_version", "created"} <= set(document)
+    names = {r["name"] for r in document["runs"]}
+    assert names == {"static", "dynamic"}
+    for run in document["runs"]:
+        assert set(CONTRACT) <= set(run)
+        assert set(run["e2e_s"]) == set(STATS_KEYS)
+        if run["name"] == "dynamic":
+            assert {"max_batch_size", "max_wait_ms"} <= set(run)
+
+
+def _run(document, name, workload, **key):
+    [run] = [r for r in document["runs"] if r["name"] == name and r["workload"] == workload
+             and all(r[k] == v for k, v in key.items())]
+    return run
+
+
+@pytest.mark.slow
+def test_batch_16_gives_at_least_4x_the_tokens_per_s_of_batch_1(document):
+    b1 = _run(document, "static", "fixed", batch_size=1)["output_tokens_per_s"]
+    b16 = _run(document, "static", "fixed", batch_size=16)["output_tokens_per_s"]
+    assert b16 >= 4 * b1, f"batch 16: {b16:.1f} tok/s, batch 1: {b1:.1f} tok/s"
+
+
+@pytest.mark.slow
+def test_dynamic_batcher_reaches_80_percent_of_static_on_the_same_requests(document):
+    static = _run(document, "static", "fixed", batch_size=16)["output_tokens_per_s"]
+    dynamic = _run(document, "dynamic", "fixed", concurrency=16)
+    assert dynamic["mean_batch_size"] > 8  # it really batched
+    assert dynamic["output_tokens_per_s"] >= 0.8 * static, (dynamic["output_tokens_per_s"],
+                                                            static)
+
+
+def test_static_run_sorted_by_prompt_length_pads_less(hf_engine):
+    reqs = make_workload(8, min_output_tokens=1, max_output_tokens=1, chat=False)
+    plain = static_run(hf_engine, reqs, 2)
+    bucketed = static_run(hf_engine, reqs, 2, sort=True)
+    assert bucketed["prompt_padding_fraction"] < plain["prompt_padding_fraction"]
+    assert bucketed["sorted"] and not plain["sorted"]
