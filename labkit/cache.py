@@ -201,6 +201,14 @@ def completion_value(completion: Completion | dict) -> dict:
             "finish_reason": completion.finish_reason, "prompt_tokens": completion.prompt_tokens}
 
 
+def completion_from_value(request_id: str, value: dict, start_s: float, t_s: float) -> Completion:
+    """A Completion rebuilt from a cached value: every token arrives at ``t_s`` (the lookup's
+    end), so a hit's TTFT and E2E are the lookup latency."""
+    tokens = list(value.get("token_ids", []))
+    return Completion(request_id, value["text"], tokens, int(value.get("prompt_tokens", 0)),
+                      value.get("finish_reason", "stop"), start_s, [t_s] * len(tokens), t_s)
+
+
 class _CacheCore:
     """What the sync and async caches share: keys, the cacheable rule, stats, fail-open state."""
 

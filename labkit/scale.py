@@ -79,7 +79,8 @@ class ServeBatchService:
         return await asyncio.to_thread(self.engine.generate, requests)
 
     async def handle(self, request, on_delta=None):
-        from labkit.engines.base import Completion, now
+        from labkit.cache import completion_from_value
+        from labkit.engines.base import now
         from labkit.service import ServiceResponse
 
         t0 = now()
@@ -87,11 +88,7 @@ class ServeBatchService:
         value = await self.cache.get(request) if self.cache is not None else None
         if value is not None:
             self.counts["cache_hits"] += 1
-            t = now()
-            tokens = list(value.get("token_ids", []))
-            completion = Completion(request.request_id, value["text"], tokens,
-                                    int(value.get("prompt_tokens", 0)),
-                                    value.get("finish_reason", "stop"), t0, [t] * len(tokens), t)
+            completion = completion_from_value(request.request_id, value, t0, now())
             hit = True
         else:
             if self.cache is not None and self.cache.cacheable(request):

@@ -235,12 +235,11 @@ class InferenceService:
             self.counts["cache_misses"] += 1
             return None
         self.counts["cache_hits"] += 1
-        t = now()
-        tokens = list(value.get("token_ids", []))
-        completion = Completion(request.request_id, value["text"], tokens,
-                                int(value.get("prompt_tokens", 0)),
-                                value.get("finish_reason", "stop"), t0, [t] * len(tokens), t)
-        return ServiceResponse(request.request_id, value["text"], completion, t - t0, True)
+        from labkit.cache import completion_from_value
+
+        completion = completion_from_value(request.request_id, value, t0, now())
+        return ServiceResponse(request.request_id, value["text"], completion,
+                               completion.end_s - t0, True)
 
     async def _generate(self, request: Request, on_delta) -> Completion:
         if not self.continuous:
