@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.engines.base import Engine, Request, now
+from labkit.engines.base import Engine, Request, TokenTimings, now
 
 
 @dataclass
-class HTTPCompletion:
+class HTTPCompletion(TokenTimings):
     """One request as the client saw it; has what ``labkit.metrics.summarize`` reads.
 
     ``token_times_s``: arrival time (perf_counter s) of each chunk that carried text.
@@ -41,24 +41,9 @@ class HTTPCompletion:
     status: int = 200
     error: str | None = None
 
-    @property
-    def ttft_s(self) -> float | None:
-        return self.token_times_s[0] - self.start_s if self.token_times_s else None
-
-    @property
-    def e2e_s(self) -> float:
-        return self.end_s - self.start_s
-
-    @property
-    def itl_s(self) -> list[float]:
-        t = self.token_times_s
-        return [b - a for a, b in zip(t, t[1:])]
-
-    @property
-    def tpot_s(self) -> float | None:
-        if self.output_tokens < 2 or len(self.token_times_s) < 2:
-            return None
-        return (self.token_times_s[-1] - self.token_times_s[0]) / (self.output_tokens - 1)
+    def _tokens_after_first(self) -> int:
+        # an SSE chunk may carry several tokens: count what the server says it generated
+        return self.output_tokens - 1
 
 
 def request_body(request: Request, model: str, stream: bool = True) -> dict:

@@ -62,22 +62,17 @@ class Request:
         return ("sample", self.temperature, self.top_p, self.seed)
 
 
-@dataclass
-class Completion:
-    """What an engine produced for one request, with a timestamp for every output token."""
+class TokenTimings:
+    """TTFT, TPOT, ITL and E2E (seconds) of anything with ``start_s``, ``token_times_s`` and
+    ``end_s``: an engine's Completion or an HTTP client's record."""
 
-    request_id: str
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
-    start_s: float  # when the request was handed to the engine
-    token_times_s: list[float]  # perf_counter() when each output token was on the host
-    end_s: float = 0.0  # when the completion was ready (>= the last token time)
+    start_s: float
+    token_times_s: list[float]
+    end_s: float
 
-    @property
-    def output_tokens(self) -> int:
-        return len(self.token_ids)
+    def _tokens_after_first(self) -> int:
+        """Output tokens after the first one, the TPOT denominator."""
+        return len(self.token_times_s) - 1
 
     @property
     def ttft_s(self) -> float | None:
@@ -98,9 +93,28 @@ class Completion:
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first (s), vLLM's definition; None if < 2 tokens."""
-        if len(self.token_times_s) < 2:
+        after_first = self._tokens_after_first()
+        if len(self.token_times_s) < 2 or after_first < 1:
             return None
-        return (self.token_times_s[-1] - self.token_times_s[0]) / (len(self.token_times_s) - 1)
+        return (self.token_times_s[-1] - self.token_times_s[0]) / after_first
+
+
+@dataclass
+class Completion(TokenTimings):
+    """What an engine produced for one request, with a timestamp for every output token."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    start_s: float  # when the request was handed to the engine
+    token_times_s: list[float]  # perf_counter() when each output token was on the host
+    end_s: float = 0.0  # when the completion was ready (>= the last token time)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class Engine(ABC):
