@@ -47,7 +47,8 @@ class VLLMEngine(Engine):
                  enforce_eager: bool = False, enable_prefix_caching: bool | None = None,
                  quantization: str | None = None, gpu_memory_utilization: float = 0.85,
                  max_model_len: int = 4096, max_num_seqs: int = 256,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1,
+                 distributed_executor_backend: str | None = None) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -67,8 +68,13 @@ class VLLMEngine(Engine):
                           gpu_memory_utilization=gpu_memory_utilization,
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           tensor_parallel_size=tensor_parallel_size,
+                          # TP workers as local processes, also inside a Ray Serve replica
+                          # (vLLM's Ray backend would ask Ray for GPUs the replica already holds)
+                          distributed_executor_backend=distributed_executor_backend or (
+                              "mp" if tensor_parallel_size > 1 else None),
                           enable_prefix_caching=enable_prefix_caching)
         self.llm = LLMEngine.from_engine_args(args)
+        self.max_model_len = max_model_len
         eos = self.tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -96,9 +102,14 @@ class VLLMEngine(Engine):
                         self._inbox.get_nowait()
                     block = False
                     rid = f"{item.request.request_id}#{id(item)}"
-                    self._live[rid] = item
-                    self.llm.add_request(rid, TokensPrompt(prompt_token_ids=item.prompt),
-                                         self._sampling_params(item.request))
+                    try:
+                        self.llm.add_request(rid, TokensPrompt(prompt_token_ids=item.prompt),
+                                             self._sampling_params(item.request))
+                    except Exception as err:  # vLLM refused it: fail this caller, keep stepping
+                        item.error = err
+                        item.done.set()
+                    else:
+                        self._live[rid] = item
             except queue.Empty:
                 pass
             if not self._live:
@@ -136,6 +147,12 @@ class VLLMEngine(Engine):
         start = now()
         items = [_Pending(r, encode_request(self.tokenizer, r), on_token, i, threading.Event())
                  for i, r in enumerate(requests)]
+        for item in items:
+            if len(item.prompt) + item.request.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {item.request.request_id!r}: {len(item.prompt)} prompt tokens + "
+                    f"max_tokens {item.request.max_tokens} exceed max_model_len "
+                    f"{self.max_model_len}; shorten the prompt or pass a larger max_model_len")
         for item in items:
             self._inbox.put(item)
         for item in items:
