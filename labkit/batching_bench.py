@@ -93,15 +93,20 @@ def _failed_run(name: str, error: str, n: int, **fields) -> dict:
 
 
 def static_run(engine: Engine, requests: Sequence[Request], batch_size: int,
-               sort: bool = False, workload: str = "") -> dict:
+               sort: bool = False, workload: str = "", max_batches: int | None = None) -> dict:
     """Run ``requests`` offline in static batches of ``batch_size`` (in order, or sorted by
     prompt length with ``sort=True``); one ``"static"`` run of the bench contract.
+
+    ``max_batches`` times only the first ``max_batches`` batches (``num_requests`` then says how
+    many ran): batch 1 over hundreds of requests would cost minutes and measure nothing new.
 
     Extra fields: ``prompt_padding_fraction`` and ``decode_padding_fraction`` (0..1, of the
     batches as run), ``sorted``, ``workload``. On ``torch.cuda.OutOfMemoryError`` the run has
     ``"error": "OOM"`` and NaN metrics, so a sweep can go on.
     """
-    reqs = list(requests)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches!r}")
+    reqs = list(requests)[:None if max_batches is None else max_batches * batch_size]
     lens = prompt_lengths(engine, reqs)
     if sort:
         order = sorted(range(len(reqs)), key=lambda i: lens[i])
@@ -126,11 +131,13 @@ def static_run(engine: Engine, requests: Sequence[Request], batch_size: int,
 
 
 def static_sweep(engine: Engine, requests: Sequence[Request], batch_sizes: Sequence[int],
-                 sort: bool = False, workload: str = "", progress: bool = True) -> list[dict]:
-    """``static_run`` per batch size; a size that runs out of GPU memory is recorded as OOM."""
+                 sort: bool = False, workload: str = "", progress: bool = True,
+                 max_batches: int | None = None) -> list[dict]:
+    """``static_run`` per batch size (at most ``max_batches`` batches each); a size that runs
+    out of GPU memory is recorded as OOM."""
     from tqdm.auto import tqdm
 
-    return [static_run(engine, requests, b, sort=sort, workload=workload)
+    return [static_run(engine, requests, b, sort=sort, workload=workload, max_batches=max_batches)
             for b in tqdm(list(batch_sizes), desc="static sweep", disable=not progress)]
 
 
@@ -185,10 +192,10 @@ def default_sizes(profile: str) -> dict:
     return by_profile(
         profile,
         ci=dict(batch_sizes=[1, 4, 16], concurrencies=[4, 16], num_requests=16,
-                output_tokens=32, max_output_tokens=48, max_prompt_tokens=48),
-        full=dict(batch_sizes=[1, 4, 16, 64, 256], concurrencies=[16, 64, 256],
-                  num_requests=512, output_tokens=128, max_output_tokens=512,
-                  max_prompt_tokens=None))
+                output_tokens=32, max_output_tokens=48, max_prompt_tokens=48, max_batches=None),
+        full=dict(batch_sizes=[1, 4, 16, 64, 256], concurrencies=[32, 128, 256],
+                  num_requests=256, output_tokens=128, max_output_tokens=512,
+                  max_prompt_tokens=None, max_batches=8))
 
 
 def run_batching_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
@@ -229,7 +236,8 @@ def run_batching_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
         wide = capped_workload(eng, n, cap, **WIDE_OUTPUT,
                                max_output_tokens=max_output_tokens or sizes["max_output_tokens"])
         eng.warmup()
-        runs = static_sweep(eng, fixed, batch_sizes, workload="fixed", progress=progress)
+        runs = static_sweep(eng, fixed, batch_sizes, workload="fixed", progress=progress,
+                            max_batches=sizes["max_batches"])
         runs.append(dynamic_run(eng, fixed, big, max_batch_size=big, max_wait_ms=max_wait_ms,
                                 workload="fixed"))
         runs.append(static_run(eng, wide, big, workload="wide"))

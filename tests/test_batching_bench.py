@@ -69,6 +69,16 @@ def test_oom_size_is_recorded_and_the_sweep_goes_on():
         assert set(CONTRACT) <= set(run)
 
 
+def test_max_batches_times_only_the_first_batches():
+    requests = make_workload(40, min_output_tokens=2, max_output_tokens=2)
+    runs = static_sweep(FakeEngine(oom_at=99), requests, [1, 4, 16], progress=False,
+                        max_batches=3)
+    assert [r["num_requests"] for r in runs] == [3, 12, 40]   # 16 * 3 > 40: all of them
+    assert [r["output_tokens"] for r in runs] == [6, 24, 80]
+    with pytest.raises(ValueError, match="max_batches must be >= 1 or None, got 0"):
+        static_run(FakeEngine(oom_at=99), requests, 4, max_batches=0)
+
+
 @pytest.fixture(scope="module")
 def document(hf_engine):
     """A small batching bench on the bundled model: fixed 24-token outputs for the comparison."""
