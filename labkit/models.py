@@ -189,7 +189,11 @@ def synthetic_path(name: str) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(bundled_path()).save_pretrained(tmp)
         (tmp / "labkit_synthetic.json").write_text(json.dumps({"name": name}))
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process (a second replica) made it first: use theirs
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
