@@ -394,9 +394,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            _torchao("Int8WeightOnlyConfig")),
     Method("int8-dyn", "torchao int8 dynamic activations, int8 weights",
            _needs(module="torchao"), _torchao("Int8DynamicActivationInt8WeightConfig")),
-    Method("int4-wo", "torchao int4 weight-only, groups of 64",
+    # tile_packed_to_4d runs PyTorch's own tinygemm kernel (aten._weight_int4pack_mm); torchao's
+    # default "plain" format needs the separate mslk kernel package (seen on the H200 run).
+    Method("int4-wo", "torchao int4 weight-only, groups of 64 (tinygemm kernel)",
            _needs(cuda=True, module="torchao"), _torchao("Int4WeightOnlyConfig", torch.bfloat16,
-                                                      group_size=64)),
+                                                      group_size=64,
+                                                      int4_packing_format="tile_packed_to_4d")),
     Method("bnb-int8", "bitsandbytes LLM.int8()", _needs(cuda=True, module="bitsandbytes"),
            _bnb("int8")),
     Method("bnb-nf4", "bitsandbytes 4-bit NormalFloat", _needs(cuda=True, module="bitsandbytes"),
