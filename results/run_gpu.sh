@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Reproduces results/<GPU>/ on a GPU machine with labkit installed ('.[lab,gpu]'):
-#   bash results/run_gpu.sh [PART ...]      PART: latency quant batching cache serve (default all)
-# Each bench writes one JSON (the contract in labkit/metrics.py) into results/<GPU>/.
+#   bash results/run_gpu.sh [PART ...]   PART: latency quant batching cache serve labs (default all)
+# Each bench writes one JSON (the contract in labkit/metrics.py) into results/<GPU>/; ``labs``
+# executes every notebook in the full profile with vLLM (labs-vllm/, with report.html), then the
+# timing labs on the synthetic models (labs-<lab>-<engine>-<model>/). On a host with several GPUs,
+# run parts side by side with CUDA_VISIBLE_DEVICES (lab 06 wants two or more GPUs for its
+# tensor-parallel section).
 set -u
 cd "$(dirname "$0")/.."
 L="python3 -m labkit.cli"
 gpu=$(python3 -c "from labkit.device import device_name; print(device_name().replace('NVIDIA ', '').replace(' ', '-'))")
 out=${RESULTS_DIR:-results/$gpu}
 mkdir -p "$out"
-parts=${*:-latency quant batching cache serve}
+parts=${*:-latency quant batching cache serve labs}
 log() { echo "[$(date +%T)] $*"; }
 for part in $parts; do case $part in
 latency)  # (a) batch-1 decode on synthetic-8b against the HBM roofline
@@ -65,6 +69,17 @@ for _ in range(240):
   timeout 600 $L bench serve --url http://127.0.0.1:8011 --model synthetic-1b \
     --concurrencies 1,16,64,256 --num-requests 512 --json "$out/serve_vllm_synthetic-1b.json"
   kill $pid; wait $pid 2>/dev/null ;;
-*) echo "unknown part $part; choose from: latency quant batching cache serve"; exit 2 ;;
+labs)     # every notebook, full profile, vLLM where a lab uses an engine; then the timing labs
+  log labs
+  $L run --profile full --param ENGINE=vllm --out "$out/labs-vllm"
+  for eng in hf vllm; do
+    $L run --profile full --param ENGINE=$eng --param MODEL=synthetic-8b \
+      --out "$out/labs-01-$eng-synthetic-8b" notebooks/01_profiling.ipynb
+  done
+  $L run --profile full --param ENGINE=vllm --param MODEL=synthetic-1b \
+    --out "$out/labs-02-vllm-synthetic-1b" notebooks/02_batching.ipynb
+  $L run --profile full --param ENGINE=vllm --param MODEL=synthetic-1b \
+    --out "$out/labs-06-vllm-synthetic-1b" notebooks/06_scale_out.ipynb ;;
+*) echo "unknown part $part; choose from: latency quant batching cache serve labs"; exit 2 ;;
 esac; done
 log done
