@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import openai
 import pytest
+from fakes import stream_words
 
 from labkit.cache import AsyncResponseCache
 from labkit.engines.base import Completion, Engine, now
@@ -36,15 +36,7 @@ class GatedWords(Engine):
         start = now()
         self.gate.wait()
         words = [(r.prompt or r.messages[-1]["content"]).split()[:r.max_tokens] for r in requests]
-        times: list[list[float]] = [[] for _ in requests]
-        for step in range(max(map(len, words))):
-            time.sleep(self.step_s)
-            t = now()
-            for i, w in enumerate(words):
-                if step < len(w):
-                    times[i].append(t)
-                    if on_token is not None:
-                        on_token(i, step, (" " if step else "") + w[step], t)
+        times = stream_words(words, self.step_s, on_token)
         self.finished += [" ".join(w) for w in words]
         return [Completion(r.request_id, " ".join(w), list(range(len(w))), 1, "length", start, ts,
                            now()) for r, w, ts in zip(requests, words, times)]

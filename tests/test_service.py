@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 
 import pytest
+from fakes import stream_words
 
 from labkit.cache import AsyncResponseCache
 from labkit.engines import Request
@@ -43,15 +43,7 @@ class WordEngine(Engine):
         self.gate.wait()
         self.batch_sizes.append(len(requests))
         words = [r.prompt.split()[:r.max_tokens] for r in requests]
-        times: list[list[float]] = [[] for _ in requests]
-        for step in range(max(map(len, words))):
-            time.sleep(self.step_s)
-            t = now()
-            for i, w in enumerate(words):
-                if step < len(w):
-                    times[i].append(t)
-                    if on_token is not None:
-                        on_token(i, step, (" " if step else "") + w[step], t)
+        times = stream_words(words, self.step_s, on_token)
         with self._lock:
             self.running -= len(requests)
         out = []
