@@ -91,7 +91,7 @@ def _cmd_bench(args) -> int:
             extra["continuous_engine"] = args.continuous_engine
         doc = run_batching_bench(engine=args.engine, model=args.model, **extra)
     elif kind == "cache":
-        from labkit.cache import run_cache_bench
+        from labkit.cache_bench import run_cache_bench
 
         doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
                               repeat_fraction=args.repeat_fraction)

@@ -15,11 +15,8 @@ from pathlib import Path
 import pytest
 
 from labkit import redis_server
-from labkit.cache import (
-    AsyncResponseCache,
-    LRUBackend,
-    ResponseCache,
-    cache_key,
+from labkit.cache import AsyncResponseCache, LRUBackend, ResponseCache, cache_key
+from labkit.cache_bench import (
     prefix_sharing_ttft,
     run_cache_bench,
     simulate_hit_ratio,

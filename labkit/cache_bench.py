@@ -1,0 +1,184 @@
+"""The caching lab's workloads and benches: a Zipf request stream, the hit ratio an exact cache
+would reach on it, the latency of the hit and miss paths through a real engine, and TTFT with a
+long shared prefix (what vLLM's prefix caching saves).
+
+Workloads. ``zipf_workload`` draws prompts with Zipf popularity and a set share of repeats
+(``repeat_fraction``); ``simulate_hit_ratio`` replays such a stream through an LRU of a given
+capacity without an engine. ``run_cache_bench`` times the two paths for real and writes the bench
+JSON (runs ``"miss"``, ``"hit"``, ``"workload"``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from labkit.cache import LRUBackend, ResponseCache, namespace
+from labkit.config import SEED
+from labkit.engines.base import Request
+
+# -- workloads -------------------------------------------------------------------------------
+_TEMPLATES = ("What is the capital of {}?", "Name a traditional dish from {}.",
+              "Which languages are spoken in {}?", "Give one fun fact about {}.",
+              "What is the population of {} roughly?", "Describe the climate of {} in one line.")
+_PLACES = ("France", "Spain", "Italy", "Germany", "Japan", "Brazil", "Canada", "Kenya", "India",
+           "Peru", "Norway", "Egypt", "Mexico", "Chile", "Vietnam", "Ghana", "Poland", "Greece",
+           "Turkey", "Nepal", "Iceland", "Morocco", "Portugal", "Argentina", "Australia")
+
+
+def prompt_pool(n: int) -> list[str]:
+    """``n`` distinct short prompts (templates x places, then numbered variants)."""
+    base = [t.format(p) for t in _TEMPLATES for p in _PLACES]
+    return [base[i % len(base)] + ("" if i < len(base) else f" (variant {i // len(base)})")
+            for i in range(n)]
+
+
+def zipf_workload(num_requests: int, repeat_fraction: float, *, zipf_s: float = 1.1,
+                  seed: int = SEED, prompts: Sequence[str] | None = None) -> list[str]:
+    """A stream of prompts where exactly ``round(repeat_fraction * num_requests)`` requests repeat
+    an earlier one, and which earlier one follows Zipf popularity (rank r has weight 1/r**zipf_s;
+    rank = order of first appearance). The rest are first occurrences of new prompts.
+
+    An unbounded cache with no TTL therefore hits exactly the repeats: its hit ratio equals
+    ``repeat_fraction`` to within 1/(2 * num_requests). Deterministic for a given ``seed``.
+    """
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests!r}")
+    if not 0.0 <= repeat_fraction < 1.0:
+        raise ValueError(f"repeat_fraction must be in [0, 1), got {repeat_fraction!r}")
+    rng = np.random.default_rng(seed)
+    n_repeat = min(round(repeat_fraction * num_requests), num_requests - 1)
+    is_repeat = np.zeros(num_requests, dtype=bool)
+    is_repeat[1 + rng.choice(num_requests - 1, size=n_repeat, replace=False)] = True
+    n_unique = num_requests - n_repeat
+    pool = list(prompts) if prompts is not None else prompt_pool(n_unique)
+    if len(pool) < n_unique:
+        raise ValueError(f"need {n_unique} distinct prompts, got {len(pool)}")
+    weights = 1.0 / np.arange(1, n_unique + 1) ** zipf_s
+    stream: list[str] = []
+    seen = 0
+    for rep in is_repeat:
+        if rep:
+            w = weights[:seen]
+            stream.append(pool[rng.choice(seen, p=w / w.sum())])
+        else:
+            stream.append(pool[seen])
+            seen += 1
+    return stream
+
+
+def simulate_hit_ratio(stream: Sequence[str], *, capacity: int | None = None,
+                       ttl_s: float | None = None, request_rate: float = 1.0) -> float:
+    """Hit ratio of an LRU cache (``capacity`` entries, ``ttl_s`` seconds) replaying ``stream``
+    with one request every ``1 / request_rate`` seconds of simulated time. No engine involved."""
+    clock = [0.0]
+    cache = ResponseCache("sim", LRUBackend(capacity, clock=lambda: clock[0]), ttl_s=ttl_s)
+    for i, prompt in enumerate(stream):
+        clock[0] = i / request_rate
+        request = Request(prompt=prompt, max_tokens=1)
+        if cache.get(request) is None:
+            cache.put(request, {"text": "", "token_ids": []})
+    return cache.stats.hit_ratio
+
+
+def prefix_sharing_ttft(engine, *, num_requests: int = 8, prefix_sentences: int = 40,
+                        max_tokens: int = 4) -> list[float]:
+    """TTFT (s) of ``num_requests`` chat requests sent one at a time that share one long system
+    prompt (the prefix) and differ only in a short user question at the end.
+
+    With an engine that caches the KV of shared prefixes (vLLM ``enable_prefix_caching=True``)
+    every request after the first skips most of its prefill, so its TTFT drops; without it each
+    request pays the full prefill. The first value includes filling the prefix cache.
+    """
+    prefix = " ".join(f"Rule {i}: answer briefly, politely and in English." for i in
+                      range(prefix_sentences))
+    ttfts = []
+    for i, question in enumerate(prompt_pool(num_requests)):
+        messages = [{"role": "system", "content": prefix},
+                    {"role": "user", "content": f"Question {i}: {question}"}]
+        done = engine.generate([Request(messages=messages, max_tokens=max_tokens)])[0]
+        ttfts.append(done.ttft_s)
+    return ttfts
+
+
+# -- the bench -------------------------------------------------------------------------------
+@dataclass
+class PathRecord:
+    """One request's latency through the cache, shaped like a Completion for ``summarize``.
+
+    A hit streams nothing token by token: the whole answer arrives at once, so
+    ``ttft_s == e2e_s == lookup time``. A miss adds the lookup to the engine's own timings.
+    """
+
+    e2e_s: float
+    ttft_s: float | None
+    output_tokens: int
+    tpot_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    hit: bool = False
+
+
+def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction: float = 0.5,
+                    *, max_tokens: int = 16, backend: str = "redis", url: str | None = None,
+                    seed: int = SEED, progress: bool = True) -> dict:
+    """Replay a Zipf workload (``zipf_workload``) through an exact cache in front of ``engine``.
+
+    ``engine``: an Engine or an engine name (then built with ``get_engine(name, model=model)``
+    and closed at the end). Requests are greedy chat requests (one user message), one at a
+    time. Returns the bench JSON document (DESIGN.md) with runs ``"miss"`` and ``"hit"``
+    (latency of each path, seconds) and ``"workload"`` (all requests, with ``hit_ratio``,
+    ``repeat_fraction``, ``tokens_saved``).
+    The cache namespace is private to this run and cleared afterwards.
+    """
+    import uuid
+
+    from tqdm.auto import tqdm
+
+    from labkit.metrics import bench_document, summarize
+
+    own = isinstance(engine, str)
+    if own:
+        from labkit.engines import get_engine
+
+        engine = get_engine(engine, model=model)
+    ns = f"{namespace(model)}-bench-{uuid.uuid4().hex[:8]}"
+    cache = ResponseCache(model, backend, url=url, ns=ns)
+    stream = zipf_workload(num_requests, repeat_fraction, seed=seed)
+    records: list[PathRecord] = []
+    try:
+        engine.warmup()
+        t_run = time.perf_counter()
+        for prompt in tqdm(stream, desc="cache bench", disable=not progress):
+            request = Request(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
+            t0 = time.perf_counter()
+            value = cache.get(request)
+            if value is not None:
+                dt = time.perf_counter() - t0
+                records.append(PathRecord(dt, dt, len(value["token_ids"]), hit=True))
+                continue
+            lookup = time.perf_counter() - t0
+            done = engine.generate([request])[0]
+            cache.put(request, done)
+            records.append(PathRecord(time.perf_counter() - t0,
+                                      None if done.ttft_s is None else lookup + done.ttft_s,
+                                      done.output_tokens, done.tpot_s, done.itl_s))
+        duration = time.perf_counter() - t_run
+    finally:
+        cache.clear()
+        if own:
+            engine.close()
+    hits = [r for r in records if r.hit]
+    misses = [r for r in records if not r.hit]
+    runs = []
+    for name, recs in (("miss", misses), ("hit", hits)):
+        if recs:
+            runs.append(summarize(recs, sum(r.e2e_s for r in recs), name=name, concurrency=1))
+    runs.append(summarize(records, duration, name="workload", concurrency=1,
+                          hit_ratio=len(hits) / len(records), repeat_fraction=repeat_fraction,
+                          tokens_saved=sum(r.output_tokens for r in hits),
+                          unique_prompts=len(set(stream)), max_tokens=max_tokens))
+    return bench_document("cache", runs, engine=getattr(engine, "name", type(engine).__name__),
+                          model=model, backend=backend, seed=seed)
