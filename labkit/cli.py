@@ -126,7 +126,7 @@ def _cmd_run(args) -> int:
 
     result = run_labs(args.notebooks or None, profile=args.profile,
                       params=parse_params(args.param), out_dir=args.out,
-                      timeout_s=args.timeout)
+                      timeout_s=args.timeout, gpus=args.gpus)
     print(f"report: {result.report}")
     if not result.ok:
         print(result.failure_message(), file=sys.stderr)
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
     p.add_argument("--timeout", type=float, default=900, help="per-cell timeout (s)")
+    p.add_argument("--gpus", help="run labs side by side, one per GPU, e.g. 0,1")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("assign", help="write student notebooks (solutions stubbed)")

@@ -7,6 +7,11 @@ notebooks, ``report.html`` (self-contained: plots are embedded as base64 data UR
 ``summary.json`` go to ``runs/<timestamp>/``. A failure names the notebook, the failing cell's
 index (as the author sees it in Jupyter: papermill's injected-parameters cell is not counted),
 its source and the error.
+
+Several GPUs (``gpus=["0", "1"]``, ``labkit run --gpus 0,1``): labs run side by side, one per GPU
+(each kernel sees only its card through ``CUDA_VISIBLE_DEVICES``); a lab whose notebook metadata
+says ``{"labkit": {"gpus": "all"}}`` (lab 06: replicas and tensor parallelism) runs afterwards,
+alone, with every listed GPU. Timings of labs that ran side by side share the host's CPUs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import platform
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -49,12 +56,14 @@ def state_dir() -> Path:
     return tmp
 
 
-def prepare_kernel() -> str:
+def prepare_kernel(env: Mapping[str, str] | None = None) -> str:
     """Point Jupyter state at writable dirs and register a kernel for ``sys.executable``.
 
     Sets JUPYTER_CONFIG_DIR / JUPYTER_DATA_DIR / JUPYTER_RUNTIME_DIR / IPYTHONDIR / MPLCONFIGDIR
     where unset, writes ``kernels/<name>/kernel.json`` under a dir prepended to JUPYTER_PATH, and
-    returns the kernel name to hand to papermill. Idempotent and cheap (no subprocess).
+    returns the kernel name to hand to papermill. ``env``: extra environment of that kernel
+    (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``), one kernel name per distinct env. Idempotent and
+    cheap (no subprocess).
     """
     base = state_dir()
     for var, sub in [("JUPYTER_CONFIG_DIR", "jupyter/config"), ("JUPYTER_DATA_DIR", "jupyter/data"),
@@ -63,7 +72,9 @@ def prepare_kernel() -> str:
         if not os.environ.get(var):
             os.environ[var] = str(base / sub)
         Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
-    name = "labkit-py-" + hashlib.sha256(sys.executable.encode()).hexdigest()[:8]
+    extra = dict(env or {})
+    tag = sys.executable + (json.dumps(extra, sort_keys=True) if extra else "")
+    name = "labkit-py-" + hashlib.sha256(tag.encode()).hexdigest()[:8]
     spec_root = base / "jupyter" / "path"
     spec_dir = spec_root / "kernels" / name
     spec = {
@@ -71,7 +82,7 @@ def prepare_kernel() -> str:
         "display_name": f"Python {platform.python_version()} (labkit)",
         "language": "python",
         # Plots must reach the notebook as image/png even when the caller set MPLBACKEND=Agg.
-        "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline"},
+        "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline", **extra},
         "metadata": {"debugger": False},
     }
     spec_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +206,7 @@ class LabResult:
     records: dict = field(default_factory=dict)
     plots: int = 0
     failure: Failure | None = None
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of its kernel, when run with gpus=
 
 
 @dataclass
@@ -271,17 +283,38 @@ def _plots(path: Path) -> list[str]:
             if "image/png" in o.get("data", {})]
 
 
+def parse_gpus(spec: str | Sequence[str] | None) -> list[str]:
+    """``"0,1"`` or ``["0", "1"]`` -> ``["0", "1"]``; None or empty -> ``[]``. Each must be a
+    CUDA device index (a non-negative integer), each at most once."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec or [])
+    gpus = [str(g).strip() for g in items if str(g).strip()]
+    bad = [g for g in gpus if not g.isdigit()]
+    if bad or len(set(gpus)) != len(gpus):
+        raise ValueError(f"bad GPU list {spec!r}: give distinct device indices, e.g. 0,1")
+    return gpus
+
+
+def wants_all_gpus(path: Path) -> bool:
+    """True if the notebook's metadata asks for every GPU of the run (``labkit.gpus == "all"``)."""
+    meta = json.loads(Path(path).read_text()).get("metadata", {})
+    return meta.get("labkit", {}).get("gpus") == "all"
+
+
 def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: dict | None = None,
-             out_dir: str | Path | None = None, timeout_s: float = 900) -> RunResult:
-    """Execute labs in order (default: every notebooks/NN_*.ipynb) and write the report.
+             out_dir: str | Path | None = None, timeout_s: float = 900,
+             gpus: str | Sequence[str] | None = None) -> RunResult:
+    """Execute labs (default: every notebooks/NN_*.ipynb) and write the report.
 
     ``profile`` becomes the PROFILE parameter (``params`` may override); ``timeout_s`` bounds each
-    cell (seconds). Failures do not stop the run: every lab is tried and reported.
+    cell (seconds). Failures do not stop the run: every lab is tried and reported, in the order
+    given. ``gpus``: run labs side by side, one per listed GPU (module doc); default one after
+    the other on whatever the process sees.
     """
     from labkit.config import PROFILES, choose
     from labkit.grading import read_records
 
     params = {"PROFILE": choose(profile, PROFILES, "profile"), **(params or {})}
+    gpu_list = parse_gpus(gpus)
     paths = [Path(p) for p in notebooks] if notebooks else default_notebooks()
     for p in paths:
         if not p.is_file():
@@ -289,18 +322,48 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else Path("runs") / stamp
     out.mkdir(parents=True, exist_ok=True)
-    kernel = prepare_kernel()
-    labs = []
-    for src in paths:
+
+    def run_one(src: Path, visible: str | None) -> LabResult:
+        env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
         ex = execute(src, out / src.name, parameters=params, cwd=src.resolve().parent,
-                     cell_timeout_s=timeout_s, kernel_name=kernel)
+                     cell_timeout_s=timeout_s, kernel_name=prepare_kernel(env))
         records = read_records(ex.output) if ex.output.exists() else {}
-        labs.append(LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
-                              round(ex.duration_s, 3), records, len(_plots(ex.output)), ex.failure))
+        return LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
+                         round(ex.duration_s, 3), records, len(_plots(ex.output)), ex.failure,
+                         visible)
+
+    results: dict[int, LabResult] = {}
+    if len(gpu_list) < 2:
+        visible = gpu_list[0] if gpu_list else None
+        for i, src in enumerate(paths):
+            results[i] = run_one(src, visible)
+    else:
+        together = [i for i, p in enumerate(paths) if wants_all_gpus(p)]
+        queue = [i for i in range(len(paths)) if i not in together]
+        lock = threading.Lock()
+
+        def worker(gpu: str) -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop(0)
+                results[i] = run_one(paths[i], gpu)
+
+        threads = [threading.Thread(target=worker, args=(g,), name=f"lab-gpu{g}")
+                   for g in gpu_list]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in together:
+            results[i] = run_one(paths[i], ",".join(gpu_list))
+    labs = [results[i] for i in range(len(paths))]
     facts = environment_facts()
     result = RunResult(out, out / "report.html", out / "summary.json", labs)
     summary = {"created": datetime.now().astimezone().isoformat(timespec="seconds"),
-               "ok": result.ok, "profile": params["PROFILE"], "params": params, **facts,
+               "ok": result.ok, "profile": params["PROFILE"], "params": params,
+               "gpus": gpu_list or None, **facts,
                "labs": [asdict(lab) for lab in labs]}
     result.summary.write_text(json.dumps(summary, indent=2, default=str))
     result.report.write_text(render_report(summary, labs))
@@ -325,8 +388,9 @@ def render_report(summary: dict, labs: list[LabResult]) -> str:
              f"<span class='{'ok' if summary['ok'] else 'failed'}'>"
              f"{'all labs passed' if summary['ok'] else 'failed'}</span></h1><table>{rows}</table>"]
     for lab in labs:
+        on = f", GPU {e(lab.gpus)}" if lab.gpus is not None else ""
         parts.append(f"<h2>{e(Path(lab.notebook).name)}: <span class='{lab.status}'>{lab.status}"
-                     f"</span> ({lab.duration_s:.1f} s)</h2>")
+                     f"</span> ({lab.duration_s:.1f} s{on})</h2>")
         if lab.records:
             parts.append("<table><tr><th>record</th><th>value</th></tr>" + "".join(
                 f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>"

@@ -71,7 +71,8 @@ for _ in range(240):
   kill $pid; wait $pid 2>/dev/null ;;
 labs)     # every notebook, full profile, vLLM where a lab uses an engine; then the timing labs
   log labs
-  $L run --profile full --param ENGINE=vllm --out "$out/labs-vllm"
+  gpus=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
+  $L run --profile full --param ENGINE=vllm --gpus "$gpus" --out "$out/labs-vllm"
   for eng in hf vllm; do
     $L run --profile full --param ENGINE=$eng --param MODEL=synthetic-8b \
       --out "$out/labs-01-$eng-synthetic-8b" notebooks/01_profiling.ipynb

@@ -82,3 +82,32 @@ def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, mon
     spec = KernelSpecManager().get_kernel_spec(name)
     assert spec.argv[0] == sys.executable
     assert spec.env["MPLBACKEND"].endswith("backend_inline")
+
+
+def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path):
+    stamp = ("import os, time, labkit.grading\n"
+             "labkit.grading.record('visible', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+             "labkit.grading.record('t0', time.time())\n"
+             "time.sleep(4)\n"
+             "labkit.grading.record('t1', time.time())")
+    a = _lab(tmp_path / "01_a.ipynb", stamp)
+    b = _lab(tmp_path / "02_b.ipynb", stamp)
+    both = _lab(tmp_path / "03_both.ipynb", stamp)
+    nb = nbformat.read(both, as_version=4)
+    nb.metadata["labkit"] = {"gpus": "all"}
+    nbformat.write(nb, both)
+    result = run_labs([str(a), str(b), str(both)], profile="ci", out_dir=tmp_path / "run",
+                      timeout_s=60, gpus="0,1")
+    assert result.ok, result.failure_message()
+    ra, rb, rboth = (lab.records for lab in result.labs)
+    assert {ra["visible"], rb["visible"]} == {"0", "1"} and rboth["visible"] == "0,1"
+    assert ra["t0"] < rb["t1"] and rb["t0"] < ra["t1"]            # the two overlapped
+    assert rboth["t0"] > max(ra["t1"], rb["t1"])                  # the all-GPU lab ran alone
+    assert [lab.gpus for lab in result.labs] == [ra["visible"], rb["visible"], "0,1"]
+    assert json.loads(result.summary.read_text())["gpus"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("spec", ["0,x", "1,1", "-1"])
+def test_bad_gpu_list_names_the_value(spec):
+    with pytest.raises(ValueError, match=f"bad GPU list '{spec}': give distinct device indices"):
+        run_labs([], gpus=spec)
