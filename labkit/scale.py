@@ -399,16 +399,13 @@ async def load_step(dep: ServeDeployment, requests, *, low: int = 1, high: int =
     """
     import itertools
 
-    import httpx
-
     from labkit.engines.base import now
-    from labkit.serve_bench import openai_sender
+    from labkit.serve_bench import load_sender
 
     cycle = itertools.cycle(requests)
     done: list[tuple[float, float, str]] = []
     samples: list[tuple[float, int]] = []
-    async with httpx.AsyncClient(base_url=dep.url, timeout=httpx.Timeout(300.0)) as client:
-        send = openai_sender(client, dep.model)
+    async with load_sender(dep.url, dep.model, in_flight=high, timeout_s=300.0) as send:
         t0 = now()
 
         async def user(start_s: float, stop_s: float, phase: str) -> None:

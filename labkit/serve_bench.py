@@ -13,6 +13,7 @@ Load comes from ``labkit.bench``: closed loop (one run per concurrency) or open 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.engines.base import Engine, Request, TokenTimings, now
+
+CONNECTIONS_PER_CLIENT = 16  # keep-alive connections per httpx client of the load generator
 
 
 @dataclass
@@ -120,23 +123,54 @@ def _usage(out: HTTPCompletion, usage: dict | None) -> None:
         out.output_tokens = usage.get("completion_tokens", 0)
 
 
+@contextlib.asynccontextmanager
+async def load_sender(url: str, model: str, *, stream: bool = True, in_flight: int = 64,
+                      timeout_s: float = 600.0):
+    """``send(request) -> HTTPCompletion`` (``openai_sender``) for a load generator that keeps
+    up to about ``in_flight`` requests open at once against the server root ``url``.
+
+    Several httpx clients, each request to the least busy one: httpcore's pool scans every
+    connection (a socket syscall each) to place a request, so one pool of hundreds of
+    connections made the load generator, not the server, the limit (2-core CPU, zero-compute
+    engine, 256 streaming clients: about 1,100 output tokens/s with one pool, 5,000-5,300
+    spread; ``results/frontend_ceiling.py``). No connection cap, so a request never waits
+    inside the client.
+    """
+    import httpx
+
+    shards = -(-max(in_flight, 1) // CONNECTIONS_PER_CLIENT)
+    busy = [0] * shards
+    async with contextlib.AsyncExitStack() as stack:
+        senders = []
+        for _ in range(shards):
+            client = await stack.enter_async_context(httpx.AsyncClient(
+                base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)))
+            senders.append(openai_sender(client, model, stream))
+
+        async def send(request: Request) -> HTTPCompletion:
+            i = min(range(shards), key=busy.__getitem__)
+            busy[i] += 1
+            try:
+                return await senders[i](request)
+            finally:
+                busy[i] -= 1
+
+        yield send
+
+
 async def serve_load(url: str, requests: Sequence[Request], *, model: str,
                      concurrency: int | None = None, request_rate: float | None = None,
                      stream: bool = True, on_done: Callable | None = None, seed: int = 0):
     """One load run against ``url``: closed loop at ``concurrency`` or open loop at
     ``request_rate`` req/s. Returns ``labkit.bench.LoadResult`` (its completions are
     ``HTTPCompletion``). ``on_done(completion)`` is called as each request finishes."""
-    import httpx
-
     from labkit.bench import closed_loop, open_loop
 
     if (concurrency is None) == (request_rate is None):
         raise ValueError("give exactly one of concurrency= (closed loop) or request_rate= "
                          f"(open loop); got {concurrency!r}, {request_rate!r}")
-    limits = httpx.Limits(max_connections=max(concurrency or 0, 64) + 8)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=httpx.Timeout(600.0),
-                                 limits=limits) as client:
-        send = openai_sender(client, model, stream)
+    async with load_sender(url, model, stream=stream, in_flight=concurrency or 64) as send:
         if on_done is not None:
             inner = send
 

@@ -182,3 +182,33 @@ def test_serve_bench_times_every_streamed_token(tmp_path):
         assert 0.005 < run["itl_s"]["p50"] < 0.2  # one chunk per 10 ms engine step
     assert four["requests_per_s"] > 1.5 * one["requests_per_s"]  # batching over HTTP pays
     assert view.history and view.history[-1]["done"] == 8
+
+
+def test_load_sender_keeps_each_client_pool_small(monkeypatch):
+    """256 requests at once go over 16 httpx clients, at most 16 open on any one: one pool of
+    hundreds of connections made the load generator the bottleneck (see load_sender)."""
+    from collections import Counter
+
+    from labkit import serve_bench
+    from labkit.engines import Request
+
+    open_now, peak = Counter(), Counter()
+
+    def counting_sender(client, model, stream=True):
+        async def send(request):
+            open_now[id(client)] += 1
+            peak[id(client)] = max(peak[id(client)], open_now[id(client)])
+            await asyncio.sleep(0.02)
+            open_now[id(client)] -= 1
+            return request.request_id
+        return send
+
+    monkeypatch.setattr(serve_bench, "openai_sender", counting_sender)
+
+    async def main():
+        async with serve_bench.load_sender("http://127.0.0.1:9", MODEL, in_flight=256) as send:
+            return await asyncio.gather(*(send(Request(prompt="x", max_tokens=1, request_id=str(i)))
+                                          for i in range(256)))
+
+    assert asyncio.run(main()) == [str(i) for i in range(256)]
+    assert len(peak) == 16 and max(peak.values()) == 16
