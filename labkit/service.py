@@ -319,7 +319,8 @@ class InferenceService:
             seen = self._in_flight_seen
             batching = {"mode": "continuous", "max_in_flight": self.max_batch_size,
                         "in_flight": self._in_flight,
-                        "mean_in_flight_at_admission": sum(seen) / len(seen) if seen else 0.0,
+                        # the batch each request joined: requests in the engine as it entered
+                        "mean_batch_size": sum(seen) / len(seen) if seen else 0.0,
                         "queue_depth": self._waiting}
         else:
             batching = {"mode": "dynamic", "max_batch_size": self.max_batch_size,

@@ -241,6 +241,7 @@ def test_continuous_engine_gets_requests_directly_but_bounded():
     assert set(engine.batch_sizes) == {1}  # one request per engine call: the engine batches
     assert 1 < engine.most_running <= 4  # concurrent, but never above max_batch_size
     assert m["batching"]["mode"] == "continuous"
+    assert 1 < m["batching"]["mean_batch_size"] <= 4  # the same key as the batcher's
 
 
 def test_metrics_and_clean_shutdown():
