@@ -210,8 +210,11 @@ def completion_from_value(request_id: str, value: dict, start_s: float, t_s: flo
 class _CacheCore:
     """What the sync and async caches share: keys, the cacheable rule, stats, fail-open state."""
 
-    def __init__(self, model: str, *, ttl_s: float | None, ns: str | None,
-                 cache_sampled: bool, retry_after_s: float) -> None:
+    asynchronous = False  # which Redis client a backend name builds
+
+    def __init__(self, model: str, backend="redis", *, url: str | None = None,
+                 capacity: int | None = None, ttl_s: float | None = None, ns: str | None = None,
+                 cache_sampled: bool = False, retry_after_s: float = 0.5) -> None:
         if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"ttl_s must be None (no expiry) or > 0 seconds, got {ttl_s!r}")
         self.model, self.ttl_s, self.cache_sampled = model, ttl_s, cache_sampled
@@ -220,6 +223,7 @@ class _CacheCore:
         self.stats = CacheStats()
         self._down_since: float | None = None
         self._last_try = 0.0
+        self.backend = _make_backend(backend, url, capacity, asynchronous=self.asynchronous)
 
     def key(self, request: Request) -> str:
         return cache_key(self.model, request, self.namespace)
@@ -292,13 +296,6 @@ class ResponseCache(_CacheCore):
     entries) or a backend object. ``ttl_s``: seconds an entry lives (None: forever).
     """
 
-    def __init__(self, model: str, backend="redis", *, url: str | None = None,
-                 capacity: int | None = None, ttl_s: float | None = None, ns: str | None = None,
-                 cache_sampled: bool = False, retry_after_s: float = 0.5) -> None:
-        super().__init__(model, ttl_s=ttl_s, ns=ns, cache_sampled=cache_sampled,
-                         retry_after_s=retry_after_s)
-        self.backend = _make_backend(backend, url, capacity, asynchronous=False)
-
     def get(self, request: Request) -> dict | None:
         """The cached value, or None (miss, not cacheable, or backend down: fail open)."""
         if not self.cacheable(request):
@@ -334,12 +331,7 @@ class ResponseCache(_CacheCore):
 class AsyncResponseCache(_CacheCore):
     """``ResponseCache`` with coroutine methods (``await cache.get(request)``), on redis.asyncio."""
 
-    def __init__(self, model: str, backend="redis", *, url: str | None = None,
-                 capacity: int | None = None, ttl_s: float | None = None, ns: str | None = None,
-                 cache_sampled: bool = False, retry_after_s: float = 0.5) -> None:
-        super().__init__(model, ttl_s=ttl_s, ns=ns, cache_sampled=cache_sampled,
-                         retry_after_s=retry_after_s)
-        self.backend = _make_backend(backend, url, capacity, asynchronous=True)
+    asynchronous = True
 
     async def _call(self, fn, *args):
         out = fn(*args)
