@@ -22,12 +22,13 @@ import html
 import json
 import os
 import platform
+import queue
 import re
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -332,33 +333,27 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
                          round(ex.duration_s, 3), records, len(_plots(ex.output)), ex.failure,
                          visible)
 
-    results: dict[int, LabResult] = {}
     if len(gpu_list) < 2:
         visible = gpu_list[0] if gpu_list else None
-        for i, src in enumerate(paths):
-            results[i] = run_one(src, visible)
+        labs = [run_one(src, visible) for src in paths]
     else:
-        together = [i for i, p in enumerate(paths) if wants_all_gpus(p)]
-        queue = [i for i in range(len(paths)) if i not in together]
-        lock = threading.Lock()
+        free: queue.SimpleQueue = queue.SimpleQueue()  # GPUs no lab is using
+        for g in gpu_list:
+            free.put(g)
 
-        def worker(gpu: str) -> None:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    i = queue.pop(0)
-                results[i] = run_one(paths[i], gpu)
+        def on_a_free_gpu(i: int) -> LabResult:
+            gpu = free.get()
+            try:
+                return run_one(paths[i], gpu)
+            finally:
+                free.put(gpu)
 
-        threads = [threading.Thread(target=worker, args=(g,), name=f"lab-gpu{g}")
-                   for g in gpu_list]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i in together:
-            results[i] = run_one(paths[i], ",".join(gpu_list))
-    labs = [results[i] for i in range(len(paths))]
+        solo = [i for i, p in enumerate(paths) if wants_all_gpus(p)]
+        rest = [i for i in range(len(paths)) if i not in solo]
+        with ThreadPoolExecutor(len(gpu_list), thread_name_prefix="lab") as pool:
+            results = dict(zip(rest, pool.map(on_a_free_gpu, rest)))
+        results.update({i: run_one(paths[i], ",".join(gpu_list)) for i in solo})
+        labs = [results[i] for i in range(len(paths))]
     facts = environment_facts()
     result = RunResult(out, out / "report.html", out / "summary.json", labs)
     summary = {"created": datetime.now().astimezone().isoformat(timespec="seconds"),
