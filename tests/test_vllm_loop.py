@@ -4,9 +4,7 @@ longer than ``max_model_len`` is refused up front with the numbers in the messag
 
 from __future__ import annotations
 
-import queue
 import sys
-import threading
 import types
 from types import SimpleNamespace
 
@@ -48,13 +46,9 @@ def engine(monkeypatch):
     fake.inputs.TokensPrompt = lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids}
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
-    eng = VLLMEngine.__new__(VLLMEngine)
-    eng.tokenizer = SimpleNamespace(encode=lambda text, **kw: [1] * len(text.split()),
-                                    eos_token_id=0, chat_template=None)
-    eng.eos_ids, eng.max_model_len, eng.llm = {0}, 64, FakeLLMEngine(limit=20)
-    eng._inbox, eng._live, eng._closed = queue.SimpleQueue(), {}, threading.Event()
-    eng._thread = threading.Thread(target=eng._loop, daemon=True)
-    eng._thread.start()
+    eng = VLLMEngine.__new__(VLLMEngine)  # everything but loading vLLM
+    eng.tokenizer = SimpleNamespace(eos_token_id=0)
+    eng._start(FakeLLMEngine(limit=20), max_model_len=64)
     yield eng
     eng._closed.set()
     eng._thread.join(timeout=5)

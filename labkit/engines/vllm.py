@@ -73,8 +73,12 @@ class VLLMEngine(Engine):
                           distributed_executor_backend=distributed_executor_backend or (
                               "mp" if tensor_parallel_size > 1 else None),
                           enable_prefix_caching=enable_prefix_caching)
-        self.llm = LLMEngine.from_engine_args(args)
-        self.max_model_len = max_model_len
+        self._start(LLMEngine.from_engine_args(args), max_model_len)
+
+    def _start(self, llm, max_model_len: int) -> None:
+        """Take ``llm`` (a ``vllm.LLMEngine``, or anything with its ``add_request``/``step``)
+        and start the thread that steps it."""
+        self.llm, self.max_model_len = llm, max_model_len
         eos = self.tokenizer.eos_token_id
         self.eos_ids = {eos} if eos is not None else set()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
