@@ -181,7 +181,10 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
         return max(1.0, min(limits)) if limits else None
 
     try:
-        pm.execute_notebook(str(src), str(dst), parameters=parameters, cwd=str(cwd),
+        # The kernel starts in ``cwd`` (nbclient's resources path). papermill's own ``cwd=``
+        # would chdir this whole process, which races when labs run side by side in threads.
+        pm.execute_notebook(str(src), str(dst), parameters=parameters,
+                            resources={"metadata": {"path": str(cwd)}},
                             kernel_name=kernel_name, language="python", progress_bar=False,
                             log_output=False,
                             timeout_func=timeout_for, shutdown_kernel="immediate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, mon
     assert spec.env["MPLBACKEND"].endswith("backend_inline")
 
 
-def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path):
+def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path, monkeypatch):
     stamp = ("import os, time, labkit.grading\n"
              "labkit.grading.record('visible', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+             "labkit.grading.record('cwd', os.getcwd())\n"
              "labkit.grading.record('t0', time.time())\n"
              "time.sleep(4)\n"
              "labkit.grading.record('t1', time.time())")
@@ -96,10 +98,17 @@ def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path
     nb = nbformat.read(both, as_version=4)
     nb.metadata["labkit"] = {"gpus": "all"}
     nbformat.write(nb, both)
+    chdirs: list[str] = []
+    monkeypatch.setattr(os, "chdir", lambda path: chdirs.append(str(path)))
     result = run_labs([str(a), str(b), str(both)], profile="ci", out_dir=tmp_path / "run",
                       timeout_s=60, gpus="0,1")
     assert result.ok, result.failure_message()
+    # Each kernel starts in its notebook's folder, and this process never leaves its own cwd:
+    # two lab threads each doing chdir-and-restore leave the process in one lab's folder.
+    # (papermill's file I/O re-enters the current folder around each read/write; harmless.)
+    assert set(chdirs) <= {os.getcwd()}
     ra, rb, rboth = (lab.records for lab in result.labs)
+    assert {ra["cwd"], rb["cwd"], rboth["cwd"]} == {str(tmp_path)}
     assert {ra["visible"], rb["visible"]} == {"0", "1"} and rboth["visible"] == "0,1"
     assert ra["t0"] < rb["t1"] and rb["t0"] < ra["t1"]            # the two overlapped
     assert rboth["t0"] > max(ra["t1"], rb["t1"])                  # the all-GPU lab ran alone
