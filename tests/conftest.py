@@ -39,3 +39,14 @@ def hfcb_engine():
     engine = get_engine("hf-cb", model="smollm2-135m")
     yield engine
     engine.close()
+
+
+@pytest.fixture(autouse=True)
+def _cwd_left_alone():
+    """Fail the test that moves this process's cwd: later tests and nbval resolve paths from it."""
+    before = os.getcwd()
+    yield
+    after = os.getcwd()
+    if after != before:
+        os.chdir(before)
+        pytest.fail(f"the test changed the process cwd from {before} to {after}")
