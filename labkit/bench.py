@@ -244,11 +244,27 @@ def records_frame(completions: Sequence[Completion]):
     return pd.DataFrame(rows)
 
 
+def strict_json(value):
+    """``value`` with every NaN or infinite float replaced by None, recursively.
+
+    A statistic with no defined value (the TPOT of a one-chunk cache hit) becomes JSON ``null``:
+    Python would write ``NaN``, which is not JSON and which jq, browsers and most parsers reject.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json(document: dict, path: str | Path) -> Path:
-    """Write a bench document as indented JSON (parent folders created); returns the path."""
+    """Write a bench document as indented, strict JSON (undefined values as null; parent folders
+    created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, allow_nan=True) + "\n")
+    path.write_text(json.dumps(strict_json(document), indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 
 import pytest
@@ -174,3 +175,17 @@ def test_engine_sender_queueing_shows_in_ttft(hf_engine):
     assert result.max_in_flight == 2
     assert [c.output_tokens for c in (first, second)] == [3, 3]
     assert second.ttft_s >= first.e2e_s - 0.01
+
+
+def test_bench_json_is_strict_with_undefined_stats_as_null(tmp_path):
+    doc = {"bench": "cache", "runs": [{"name": "hit", "tpot_s": {"mean": math.nan, "p50": 0.5},
+                                       "ratio": [math.inf, 1.0], "n": 3}]}
+    text = bench.write_json(doc, tmp_path / "sub" / "b.json").read_text()
+
+    def no_constants(name):
+        raise ValueError(f"not JSON: {name}")
+
+    back = json.loads(text, parse_constant=no_constants)
+    assert back["runs"][0] == {"name": "hit", "tpot_s": {"mean": None, "p50": 0.5},
+                               "ratio": [None, 1.0], "n": 3}
+    assert math.isnan(doc["runs"][0]["tpot_s"]["mean"])  # the caller's document is unchanged
