@@ -70,7 +70,7 @@ def _engine_kwargs(args) -> dict:
 
 
 def _cmd_bench(args) -> int:
-    from labkit.bench import int_list, write_json
+    from labkit.bench import int_list, strict_json, write_json
 
     kind, json_path = args.kind, args.json
     if kind == "latency":
@@ -117,7 +117,7 @@ def _cmd_bench(args) -> int:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
     else:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(strict_json(doc), indent=2, allow_nan=False))
     return 0
 
 

@@ -363,7 +363,10 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
                "ok": result.ok, "profile": params["PROFILE"], "params": params,
                "gpus": gpu_list or None, **facts,
                "labs": [asdict(lab) for lab in labs]}
-    result.summary.write_text(json.dumps(summary, indent=2, default=str))
+    from labkit.bench import strict_json
+
+    result.summary.write_text(json.dumps(strict_json(summary), indent=2, default=str,
+                                         allow_nan=False))
     result.report.write_text(render_report(summary, labs))
     return result
 
