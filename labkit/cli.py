@@ -169,6 +169,32 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _number(kind: type = int, *, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None):
+    """An argparse ``type`` that parses ``kind`` and enforces the bounds, naming the bad value."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be >= {at_least}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, at_least=1)
+SECONDS = _number(float, above=0)
+PORT = _number(int, at_least=0, at_most=65535)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=COUNT, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temperature", type=_number(float, at_least=0), default=0.0)
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat "
                    "template")
     p.add_argument("--warmup", action="store_true", help="run a tiny generation first, so the "
@@ -200,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: print it)")
-    p.add_argument("--num-requests", type=int, help="requests per run")
+    p.add_argument("--num-requests", type=COUNT, help="requests per run")
     p.add_argument("--prompt-lens", default="32,128", help="latency: prompt tokens, e.g. 32,128")
     p.add_argument("--out-lens", default="32", help="latency: output tokens, e.g. 32,128")
     p.add_argument("--batch-sizes", help="batching: static batch sizes, e.g. 1,4,16")
@@ -208,12 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuous-engine", choices=["hf-cb", "vllm", "none"],
                    help="batching: engine of the continuous runs (default: vllm on a GPU, "
                    "else hf-cb)")
-    p.add_argument("--repeat-fraction", type=float, default=0.5, help="cache: repeated share")
+    p.add_argument("--repeat-fraction", type=_number(float, at_least=0), default=0.5,
+                   help="cache: repeated share, in [0, 1)")
     p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
     p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "
                    "per weight format on the compiled static-cache path (GPU; no perplexity)")
     p.add_argument("--url", help="serve: base URL of an OpenAI-compatible server")
-    p.add_argument("--rate", type=float, help="serve: open-loop Poisson rate (req/s)")
+    p.add_argument("--rate", type=_number(float, above=0),
+                   help="serve: open-loop Poisson rate (req/s)")
     p.add_argument("--no-stream", action="store_true", help="serve: non-streaming requests")
     p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")
     p.add_argument("--compile", action="store_true", help="hf: compile the decode step "
@@ -225,15 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: cache -> batcher -> engine")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     p.add_argument("--engine", default="auto", choices=ENGINES)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--no-cache", action="store_true", help="no Redis response cache")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    p.add_argument("--max-batch-size", type=COUNT, default=16)
+    p.add_argument("--max-wait-ms", type=_number(float, at_least=0), default=10.0)
+    p.add_argument("--max-queue", type=COUNT, default=1024, help="waiting requests before 503")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead")
-    p.add_argument("--replicas", type=int, default=2, help="--ray: replica count")
+    p.add_argument("--replicas", type=COUNT, default=2, help="--ray: replica count")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("run", help="execute the labs with papermill and write report.html")
@@ -241,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="ci", choices=["ci", "full", "auto"])
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--timeout", type=float, default=900, help="per-cell timeout (s)")
+    p.add_argument("--timeout", type=SECONDS, default=900, help="per-cell timeout (s)")
     p.add_argument("--gpus", help="run labs side by side, one per GPU, e.g. 0,1")
     p.set_defaults(func=_cmd_run)
 
@@ -254,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submission_dir")
     p.add_argument("--lab", required=True, help="lab number (e.g. 1) or a rubric path")
     p.add_argument("--out", default="grades.csv")
-    p.add_argument("--timeout", type=float, help="per-notebook timeout (s; default: rubric's)")
+    p.add_argument("--timeout", type=SECONDS, help="per-notebook timeout (s; default: rubric's)")
     p.add_argument("--rubric", help="a rubric file instead of data/rubrics/labNN.toml")
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.set_defaults(func=_cmd_grade)
@@ -265,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, ImportError) as err:
+    except (ValueError, RuntimeError, ImportError, FileNotFoundError) as err:
         print(f"labkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -188,7 +188,15 @@ def server_info(url: str) -> dict:
     import httpx
 
     base = url.rstrip("/")
-    models = httpx.get(base + "/v1/models", timeout=10).json()["data"]
+    try:
+        models = httpx.get(base + "/v1/models", timeout=10).raise_for_status().json()["data"]
+    except httpx.HTTPError as err:
+        raise RuntimeError(f"cannot reach an OpenAI-compatible server at {url!r}: {err}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise RuntimeError(f"{url!r} answered /v1/models with no model list; is it an "
+                           "OpenAI-compatible server?") from err
+    if not models:
+        raise RuntimeError(f"{url!r} serves no model (/v1/models is empty)")
     info = {"model": models[0]["id"], "engine": "unknown"}
     try:
         info["engine"] = httpx.get(base + "/health", timeout=10).json().get("engine", "unknown")
