@@ -66,13 +66,22 @@ def output_lengths(n: int, min_tokens: int, max_tokens: int, dist: str = "fixed"
     return [int(v) for v in np.clip(np.rint(draws), min_tokens, max_tokens)]
 
 
+def distinct_prompt(text: str, i: int, pool_size: int) -> str:
+    """Prompt ``text`` as request ``i`` of a workload that cycles a pool of ``pool_size`` prompts:
+    the first pass as is, later passes with a ``(request i)`` prefix. No two requests are then
+    identical, so neither a response cache nor a prefix cache turns a load test into a cache test
+    (workloads with controlled repeats: ``labkit.cache_bench.zipf_workload``)."""
+    return text if i < pool_size else f"(request {i}) {text}"
+
+
 def make_workload(n: int, seed: int = SEED, min_output_tokens: int = 16,
                   max_output_tokens: int = 64, output_len_dist: str = "fixed",
                   chat: bool = True, path: str | Path = PROMPTS_PATH) -> list[Request]:
-    """``n`` greedy requests over the bundled prompts, shuffled with ``seed``.
+    """``n`` distinct greedy requests over the bundled prompts, shuffled with ``seed``.
 
     ``ignore_eos=True``, so each request produces exactly its ``max_tokens`` (drawn by
-    ``output_lengths``). ``chat=True`` sends the prompt as a user message (chat template).
+    ``output_lengths``). ``chat=True`` sends the prompt as a user message (chat template). Past
+    the bundled prompts' count the prompts come round again, numbered (``distinct_prompt``).
     """
     import numpy as np
 
@@ -84,7 +93,7 @@ def make_workload(n: int, seed: int = SEED, min_output_tokens: int = 16,
     lens = output_lengths(n, min_output_tokens, max_output_tokens, output_len_dist, seed + 1)
     reqs = []
     for i, max_tokens in enumerate(lens):
-        text = prompts[order[i % len(order)]]["prompt"]
+        text = distinct_prompt(prompts[order[i % len(order)]]["prompt"], i, len(order))
         kind = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
         reqs.append(Request(**kind, max_tokens=max_tokens, ignore_eos=True,
                             request_id=f"wl-{seed}-{i}"))

@@ -200,11 +200,12 @@ def completion_value(completion: Completion | dict) -> dict:
 
 
 def completion_from_value(request_id: str, value: dict, start_s: float, t_s: float) -> Completion:
-    """A Completion rebuilt from a cached value: every token arrives at ``t_s`` (the lookup's
-    end), so a hit's TTFT and E2E are the lookup latency."""
+    """A Completion rebuilt from a cached value: the whole answer arrives at once at ``t_s`` (the
+    lookup's end), one stamp, so a hit's TTFT and E2E are the lookup latency and it has no TPOT or
+    ITL (zeros there would drag a mixed run's decode statistics down)."""
     tokens = list(value.get("token_ids", []))
     return Completion(request_id, value["text"], tokens, int(value.get("prompt_tokens", 0)),
-                      value.get("finish_reason", "stop"), start_s, [t_s] * len(tokens), t_s)
+                      value.get("finish_reason", "stop"), start_s, [t_s] if tokens else [], t_s)
 
 
 class _CacheCore:

@@ -112,7 +112,8 @@ def _cmd_bench(args) -> int:
         if args.num_requests:
             extra["num_requests"] = args.num_requests
         doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate,
-                              stream=not args.no_stream, **extra)
+                              stream=not args.no_stream, server_cache=args.server_cache,
+                              **extra)
     if json_path:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=_number(float, above=0),
                    help="serve: open-loop Poisson rate (req/s)")
     p.add_argument("--no-stream", action="store_true", help="serve: non-streaming requests")
+    p.add_argument("--server-cache", action="store_true", help="serve: let a labkit server "
+                   "answer repeats from its response cache (default: bypass it, time the model)")
     p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")
     p.add_argument("--compile", action="store_true", help="hf: compile the decode step "
                    "(CUDA graphs; needs --static-cache)")

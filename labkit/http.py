@@ -9,6 +9,10 @@ Endpoints (the subset of OpenAI's API that labs and load tools use):
   ``stream: true`` answers with Server-Sent Events: ``data: {chunk}\\n\\n`` ..., ``data: [DONE]``.
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (the service's metrics as JSON).
 
+A request with the header ``Cache-Control: no-cache`` (or ``no-store``) skips the response
+cache: it runs on the engine, is not shared with identical requests in flight and is not
+stored. Load generators send it (``labkit.serve_bench``) so they measure the model, not Redis.
+
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: a malformed body or
 a bad field is 400 and names the field and the allowed values; an unknown model is 404 and names
 the served one; overload is 503 with ``Retry-After`` (OpenAI clients retry 503 on their own).
@@ -117,13 +121,19 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return (msg + (f"; allowed: {allowed}" if allowed else "")), param
 
 
+def _uses_cache(cache_control: str | None) -> bool:
+    """False when a ``Cache-Control`` request header has ``no-cache`` or ``no-store``."""
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    return not directives & {"no-cache", "no-store"}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def create_app(service: InferenceService, model_name: str | None = None):
     """The FastAPI app around ``service``; ``model_name`` is the id clients must send."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Header
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
 
@@ -153,9 +163,9 @@ def create_app(service: InferenceService, model_name: str | None = None):
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{served}'", "model", "model_not_found")
 
-    async def run(request: Request):
+    async def run(request: Request, use_cache: bool):
         try:
-            return await service.handle(request)
+            return await service.handle(request, use_cache=use_cache)
         except Overloaded as err:
             raise APIError(503, str(err), None, "overloaded", "server_overloaded") from None
         except BatcherClosed as err:
@@ -166,7 +176,7 @@ def create_app(service: InferenceService, model_name: str | None = None):
         out = sum(r.completion.output_tokens for r in responses)
         return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
 
-    def streamed(request: Request, kind: str, body: _Sampling):
+    def streamed(request: Request, kind: str, body: _Sampling, use_cache: bool):
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         head = {"id": rid, "object": obj, "created": int(time.time()), "model": served}
@@ -185,7 +195,7 @@ def create_app(service: InferenceService, model_name: str | None = None):
             try:
                 if kind == "chat":
                     yield _sse(chunk(None, None, role=True))
-                async for event in service.stream(request):
+                async for event in service.stream(request, use_cache=use_cache):
                     if event.response is None:
                         yield _sse(chunk(event.text, None))
                     else:
@@ -201,16 +211,17 @@ def create_app(service: InferenceService, model_name: str | None = None):
                                  headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, cache_control: str | None = Header(None)):
         check_model(body.model)
+        use_cache = _uses_cache(cache_control)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         requests = [body.request(prompt=p) for p in prompts]
         if body.stream:
             if len(requests) != 1:
                 raise APIError(400, "stream=true needs a single prompt string, got a list of "
                                     f"{len(requests)}", "prompt")
-            return streamed(requests[0], "completion", body)
-        responses = await asyncio.gather(*(run(r) for r in requests))
+            return streamed(requests[0], "completion", body, use_cache)
+        responses = await asyncio.gather(*(run(r, use_cache) for r in requests))
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": served,
                 "choices": [{"index": i, "text": r.text, "logprobs": None,
@@ -220,14 +231,15 @@ def create_app(service: InferenceService, model_name: str | None = None):
                             "ttft_s": r.ttft_s} for r in responses]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
+    async def chat_completions(body: ChatBody, cache_control: str | None = Header(None)):
         check_model(body.model)
+        use_cache = _uses_cache(cache_control)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         request = body.request(messages=[m.model_dump() for m in body.messages])
         if body.stream:
-            return streamed(request, "chat", body)
-        r = await run(request)
+            return streamed(request, "chat", body, use_cache)
+        r = await run(request, use_cache)
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                 "created": int(time.time()), "model": served,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},

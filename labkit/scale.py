@@ -78,24 +78,25 @@ class ServeBatchService:
         self.batch_sizes.append(len(requests))
         return await asyncio.to_thread(self.engine.generate, requests)
 
-    async def handle(self, request, on_delta=None):
+    async def handle(self, request, on_delta=None, *, use_cache: bool = True):
         from labkit.cache import completion_from_value
         from labkit.engines.base import now
         from labkit.service import ServiceResponse
 
         t0 = now()
         self.counts["requests"] += 1
-        value = await self.cache.get(request) if self.cache is not None else None
+        cache = self.cache if use_cache else None
+        value = await cache.get(request) if cache is not None else None
         if value is not None:
             self.counts["cache_hits"] += 1
             completion = completion_from_value(request.request_id, value, t0, now())
             hit = True
         else:
-            if self.cache is not None and self.cache.cacheable(request):
+            if cache is not None and cache.cacheable(request):
                 self.counts["cache_misses"] += 1
             completion = await self._batched(request)
-            if self.cache is not None:
-                await self.cache.put(request, completion)
+            if cache is not None:
+                await cache.put(request, completion)
             hit = False
         end = now()
         self.counts["completed"] += 1
@@ -104,11 +105,11 @@ class ServeBatchService:
             on_delta(completion.text, end)
         return ServiceResponse(request.request_id, completion.text, completion, end - t0, hit)
 
-    async def stream(self, request):
+    async def stream(self, request, *, use_cache: bool = True):
         from labkit.engines.base import now
         from labkit.service import StreamEvent
 
-        response = await self.handle(request)
+        response = await self.handle(request, use_cache=use_cache)
         if response.text:
             yield StreamEvent(response.text, response.completion.end_s)
         yield StreamEvent("", now(), response)

@@ -125,9 +125,14 @@ def _usage(out: HTTPCompletion, usage: dict | None) -> None:
 
 @contextlib.asynccontextmanager
 async def load_sender(url: str, model: str, *, stream: bool = True, in_flight: int = 64,
-                      timeout_s: float = 600.0):
+                      timeout_s: float = 600.0, server_cache: bool = False):
     """``send(request) -> HTTPCompletion`` (``openai_sender``) for a load generator that keeps
     up to about ``in_flight`` requests open at once against the server root ``url``.
+
+    Unless ``server_cache``, every request carries ``Cache-Control: no-cache``: a labkit server
+    then runs it on the engine even when an identical request was answered before (a load test
+    replays one workload per run; with the cache those replays would time Redis, not the model).
+    Servers without a response cache (vLLM's) ignore the header.
 
     Several httpx clients, each request to the least busy one: httpcore's pool scans every
     connection (a socket syscall each) to place a request, so one pool of hundreds of
@@ -145,6 +150,7 @@ async def load_sender(url: str, model: str, *, stream: bool = True, in_flight: i
         for _ in range(shards):
             client = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout_s),
+                headers=None if server_cache else {"Cache-Control": "no-cache"},
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)))
             senders.append(openai_sender(client, model, stream))
 
@@ -161,16 +167,19 @@ async def load_sender(url: str, model: str, *, stream: bool = True, in_flight: i
 
 async def serve_load(url: str, requests: Sequence[Request], *, model: str,
                      concurrency: int | None = None, request_rate: float | None = None,
-                     stream: bool = True, on_done: Callable | None = None, seed: int = 0):
+                     stream: bool = True, on_done: Callable | None = None, seed: int = 0,
+                     server_cache: bool = False):
     """One load run against ``url``: closed loop at ``concurrency`` or open loop at
     ``request_rate`` req/s. Returns ``labkit.bench.LoadResult`` (its completions are
-    ``HTTPCompletion``). ``on_done(completion)`` is called as each request finishes."""
+    ``HTTPCompletion``). ``on_done(completion)`` is called as each request finishes.
+    ``server_cache``: let the server answer from its response cache (see ``load_sender``)."""
     from labkit.bench import closed_loop, open_loop
 
     if (concurrency is None) == (request_rate is None):
         raise ValueError("give exactly one of concurrency= (closed loop) or request_rate= "
                          f"(open loop); got {concurrency!r}, {request_rate!r}")
-    async with load_sender(url, model, stream=stream, in_flight=concurrency or 64) as send:
+    async with load_sender(url, model, stream=stream, in_flight=concurrency or 64,
+                           server_cache=server_cache) as send:
         if on_done is not None:
             inner = send
 
@@ -219,14 +228,17 @@ def run_serve_bench(url: str, concurrencies: Sequence[int] = (1, 4, 16),
                     request_rate: float | None = None, json_path: str | Path | None = None,
                     *, min_output_tokens: int = 16, max_output_tokens: int = 16,
                     output_len_dist: str = "fixed", seed: int = 0, warmup: int = 2,
-                    workload: Sequence[Request] | None = None, view=None) -> dict:
+                    workload: Sequence[Request] | None = None, view=None,
+                    server_cache: bool = False) -> dict:
     """The ``serve`` bench: one run per concurrency (or one open-loop run at ``request_rate``).
 
     Requests: ``labkit.bench.make_workload(num_requests, ...)`` (chat, greedy, ``ignore_eos``)
     unless ``workload`` is given. ``warmup`` requests are sent first and not counted. Each run
-    has the contract's fields plus ``failed`` (requests with an HTTP error), ``cache_hits``
-    (labkit servers: hits during the run) and ``stream``. ``view``: a ``labkit.widgets``
-    live view (its ``start``/``update``/``finish`` are called). Writes ``json_path`` if given.
+    has the contract's fields plus ``failed`` (requests with an HTTP error; the statistics are
+    over the others), ``cache_hits`` (labkit servers: hits during the run), ``stream`` and
+    ``server_cache``. Requests bypass a labkit server's response cache unless ``server_cache``
+    (see ``load_sender``), so every run times the model. ``view``: a ``labkit.widgets`` live view
+    (its ``start``/``update``/``finish`` are called). Writes ``json_path`` if given.
     """
     from labkit.bench import make_workload, run_sync, write_json
     from labkit.metrics import bench_document, summarize
@@ -238,7 +250,7 @@ def run_serve_bench(url: str, concurrencies: Sequence[int] = (1, 4, 16),
         max_output_tokens=max_output_tokens, output_len_dist=output_len_dist)
     if warmup:
         run_sync(serve_load(url, requests[:warmup], model=model, concurrency=warmup,
-                            stream=stream))
+                            stream=stream, server_cache=server_cache))
     settings = [(None, request_rate)] if request_rate is not None else \
         [(c, None) for c in concurrencies]
     runs = []
@@ -251,15 +263,16 @@ def run_serve_bench(url: str, concurrencies: Sequence[int] = (1, 4, 16),
         result = run_sync(serve_load(url, requests, model=model, concurrency=concurrency,
                                      request_rate=rate, stream=stream,
                                      on_done=view.update if view is not None else None,
-                                     seed=seed))
+                                     seed=seed, server_cache=server_cache))
         ok = [c for c in result.completions if c.error is None]
         if view is not None:
             view.finish()
         hits_after = _cache_hits(url)
-        runs.append(summarize(ok or result.completions, result.duration_s or
+        runs.append(summarize(ok, result.duration_s or
                               time.perf_counter() - t0, name="serve", concurrency=concurrency,
                               request_rate=rate, failed=len(result.completions) - len(ok),
                               max_in_flight=result.max_in_flight, stream=stream,
+                              server_cache=server_cache,
                               cache_hits=None if hits_before is None or hits_after is None
                               else hits_after - hits_before))
     doc = bench_document("serve", runs, engine=info["engine"], model=model, url=url)
@@ -389,18 +402,19 @@ async def service_vs_offline(engine, requests: Sequence[Request], concurrency: i
 
 def short_workload(n: int, output_tokens: int, *, max_prompt_chars: int = 120, chat: bool = True,
                    seed: int = 0) -> list[Request]:
-    """``n`` fixed-length (``ignore_eos``) greedy requests over the bundled prompts no longer than
-    ``max_prompt_chars`` characters, cycled. Padding a static batch to one long prompt makes a
+    """``n`` distinct fixed-length (``ignore_eos``) greedy requests over the bundled prompts no
+    longer than ``max_prompt_chars`` characters, cycled and numbered past the first pass
+    (``labkit.bench.distinct_prompt``). Padding a static batch to one long prompt makes a
     CPU prefill-bound, which hides what batching does for decode; short prompts keep the
     serving lab's comparisons about decode."""
-    from labkit.bench import load_prompts
+    from labkit.bench import distinct_prompt, load_prompts
 
     prompts = [r["prompt"] for r in load_prompts() if len(r["prompt"]) <= max_prompt_chars]
     if not prompts:
         raise ValueError(f"no bundled prompt has <= {max_prompt_chars} characters")
     out = []
     for i in range(n):
-        p = prompts[(i + seed) % len(prompts)]
+        p = distinct_prompt(prompts[(i + seed) % len(prompts)], i, len(prompts))
         kind = {"messages": [{"role": "user", "content": p}]} if chat else {"prompt": p}
         out.append(Request(**kind, max_tokens=output_tokens, ignore_eos=True,
                            request_id=f"sw-{seed}-{i}"))

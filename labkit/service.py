@@ -138,10 +138,14 @@ class InferenceService:
         self._ttft_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     # --- the request path ----------------------------------------------------------------------
-    async def handle(self, request: Request, on_delta=None) -> ServiceResponse:
+    async def handle(self, request: Request, on_delta=None, *,
+                     use_cache: bool = True) -> ServiceResponse:
         """Serve one request; ``on_delta(text, t_s)`` is called for each new piece of text.
 
-        Raises ``Overloaded`` when the queue is full and ``BatcherClosed`` after ``aclose()``.
+        ``use_cache=False`` (HTTP: a ``Cache-Control: no-cache`` request header) sends the request
+        to the engine even if it is cacheable: no lookup, no sharing, no store; a load test that
+        wants to measure the model sets it. Raises ``Overloaded`` when the queue is full and
+        ``BatcherClosed`` after ``aclose()``.
         """
         t0 = now()
         self._bind_loop()
@@ -149,18 +153,21 @@ class InferenceService:
             raise BatcherClosed("the service is shut down; no new requests are accepted")
         self.counts["requests"] += 1
         try:
-            hit = await self._lookup(request, t0)
+            hit = await self._lookup(request, t0, use_cache)
             if hit is not None:
                 if on_delta is not None and hit.text:
                     on_delta(hit.text, hit.completion.end_s)
                 return self._done(hit)
-            if self._cacheable(request):
+            if use_cache and self._cacheable(request):
                 completion = await self._shared(request, on_delta)
             else:
                 completion = await self._generate(request, on_delta)
             end = now()
-            completion = dataclasses.replace(completion, request_id=request.request_id,
-                                             start_s=t0, end_s=end)
+            # A request that joined an identical generation already under way gets the tokens
+            # made before it arrived at its own arrival: its TTFT is never negative.
+            completion = dataclasses.replace(
+                completion, request_id=request.request_id, start_s=t0, end_s=end,
+                token_times_s=[max(t, t0) for t in completion.token_times_s])
             return self._done(ServiceResponse(request.request_id, completion.text, completion,
                                               end - t0, cache_hit=False))
         except Overloaded:
@@ -226,8 +233,9 @@ class InferenceService:
         rule = getattr(self.cache, "cacheable", None)
         return rule(request) if rule is not None else request.greedy
 
-    async def _lookup(self, request: Request, t0: float) -> ServiceResponse | None:
-        if not self._cacheable(request):
+    async def _lookup(self, request: Request, t0: float,
+                      use_cache: bool = True) -> ServiceResponse | None:
+        if not (use_cache and self._cacheable(request)):
             self.counts["not_cached"] += 1
             return None
         value = await self.cache.get(request)
@@ -281,14 +289,17 @@ class InferenceService:
         return response
 
     # --- streaming -------------------------------------------------------------------------
-    async def stream(self, request: Request) -> AsyncIterator[StreamEvent]:
-        """Yield text deltas as they are generated, then one final event with the response.
+    async def stream(self, request: Request, *,
+                     use_cache: bool = True) -> AsyncIterator[StreamEvent]:
+        """Yield text deltas as they are generated, then one final event with the response
+        (``use_cache`` as in ``handle``).
 
         Text after a stop string is never sent: a tail that could still become a stop string is
         held back until it is clear. Leaving the loop early cancels only this request.
         """
         queue: asyncio.Queue = asyncio.Queue()
-        task = asyncio.ensure_future(self.handle(request, lambda d, t: queue.put_nowait((d, t))))
+        task = asyncio.ensure_future(self.handle(request, lambda d, t: queue.put_nowait((d, t)),
+                                                 use_cache=use_cache))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
         sent, seen = "", ""
         try:

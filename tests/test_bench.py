@@ -189,3 +189,13 @@ def test_bench_json_is_strict_with_undefined_stats_as_null(tmp_path):
     assert back["runs"][0] == {"name": "hit", "tpot_s": {"mean": None, "p50": 0.5},
                                "ratio": [None, 1.0], "n": 3}
     assert math.isnan(doc["runs"][0]["tpot_s"]["mean"])  # the caller's document is unchanged
+
+
+def test_workloads_past_the_prompt_pool_stay_distinct():
+    pool = [r["prompt"] for r in bench.load_prompts()]
+    reqs = bench.make_workload(2 * len(pool) + 5, min_output_tokens=4, max_output_tokens=4,
+                               chat=False)
+    prompts = [r.prompt for r in reqs]
+    assert len(set(prompts)) == len(prompts)
+    assert sorted(prompts[:len(pool)]) == sorted(pool)       # the first pass is the pool as is
+    assert prompts[len(pool)].startswith(f"(request {len(pool)}) ")

@@ -212,3 +212,35 @@ def test_load_sender_keeps_each_client_pool_small(monkeypatch):
 
     assert asyncio.run(main()) == [str(i) for i in range(256)]
     assert len(peak) == 16 and max(peak.values()) == 16
+
+
+@pytest.mark.parametrize("server_cache, expect_hits", [(False, 0), (True, 8 + 8)])
+def test_serve_bench_times_the_model_not_the_cache_unless_asked(server_cache, expect_hits):
+    """A cache-on labkit server and a workload replayed per run: by default every request
+    carries Cache-Control: no-cache and reaches the engine; ``server_cache=True`` lets the
+    second and third passes (warm-up was the first) be answered from the cache."""
+    from labkit.engines import Request
+    from labkit.serve_bench import run_serve_bench
+
+    engine = GatedWords(step_s=0.005)
+    service = InferenceService(engine, AsyncResponseCache(MODEL, "lru"), model_name=MODEL,
+                               max_batch_size=8, max_wait_ms=5)
+    workload = [Request(prompt=f"w{i} b c", max_tokens=3, request_id=f"c{i}") for i in range(8)]
+    with BackgroundServer(service) as srv:
+        doc = run_serve_bench(srv.url, concurrencies=[2, 4], workload=workload, warmup=8,
+                              server_cache=server_cache)
+        m = httpx.get(srv.url + "/metrics").json()
+    assert [r["cache_hits"] for r in doc["runs"]] == [expect_hits // 2] * 2
+    assert all(r["server_cache"] is server_cache for r in doc["runs"])
+    assert len(engine.finished) == 24 - expect_hits   # warm-up + two runs of 8
+    assert m["cache_hits"] == expect_hits
+
+
+def test_no_cache_header_skips_the_response_cache(server):
+    body = {"model": MODEL, "messages": CAPITAL, "max_tokens": 4, "temperature": 0}
+    httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)  # stores it
+    cached = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    fresh = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60,
+                       headers={"Cache-Control": "no-cache"}).json()
+    assert cached["labkit"]["cache_hit"] and not fresh["labkit"]["cache_hit"]
+    assert fresh["choices"][0]["message"] == cached["choices"][0]["message"]

@@ -261,3 +261,50 @@ def test_metrics_and_clean_shutdown():
     assert m["batching"]["requests"] == m["cache_misses"] - m["coalesced"]
     assert set(m["latency_s"]) == {"mean", "p50", "p90", "p99"}
     assert 0 < m["latency_s"]["p50"] <= m["latency_s"]["p99"]
+
+
+def test_a_cache_hit_has_one_stamp_so_no_decode_statistics():
+    engine = WordEngine()
+
+    async def main():
+        async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
+            await service.handle(Request(prompt="one two three four", max_tokens=4))
+            return await service.handle(Request(prompt="one two three four", max_tokens=4))
+
+    hit = asyncio.run(main())
+    assert hit.cache_hit and hit.completion.output_tokens == 4
+    assert hit.completion.tpot_s is None and hit.completion.itl_s == []
+    assert 0 <= hit.completion.ttft_s == hit.completion.e2e_s
+
+
+def test_a_late_joiner_of_a_shared_generation_has_a_non_negative_ttft():
+    engine = WordEngine(step_s=0.05)
+
+    async def main():
+        async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
+            words = "a b c d e f g h"
+            first = asyncio.ensure_future(service.handle(Request(prompt=words, max_tokens=8)))
+            await asyncio.sleep(0.15)   # the first has tokens by now
+            late = await service.handle(Request(prompt=words, max_tokens=8))
+            return await first, late, service.metrics()
+
+    first, late, m = asyncio.run(main())
+    assert m["coalesced"] == 1 and late.text == first.text
+    assert late.completion.ttft_s >= 0 and late.completion.start_s > first.completion.start_s
+    assert sorted(late.completion.token_times_s) == late.completion.token_times_s
+
+
+def test_use_cache_false_runs_the_engine_without_sharing_or_storing():
+    engine = WordEngine(step_s=0.01)
+
+    async def main():
+        async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
+            req = lambda: Request(prompt="x y z", max_tokens=3)  # noqa: E731
+            await asyncio.gather(*(service.handle(req(), use_cache=False) for _ in range(3)))
+            after_bypass = await service.handle(req())
+            return after_bypass, service.metrics()
+
+    after_bypass, m = asyncio.run(main())
+    assert not after_bypass.cache_hit          # the bypassed runs stored nothing
+    assert sum(engine.batch_sizes) == 4 and m["coalesced"] == 0
+    assert (m["not_cached"], m["cache_misses"]) == (3, 1)
