@@ -2,9 +2,10 @@
 
 Each ``await batcher.submit(request)`` puts the request in a bounded queue and waits on its own
 future. A worker task takes the first waiting request, then keeps collecting until the batch
-holds ``max_batch_size`` requests or ``max_wait_ms`` has passed since that first one, and runs
-``engine.generate(batch)`` in a worker thread, so the event loop keeps accepting requests while
-the model runs. Each completion resolves exactly the future of the request it belongs to.
+holds ``max_batch_size`` requests or ``max_wait_ms`` has passed since that first one was queued,
+and runs ``engine.generate(batch)`` in a worker thread, so the event loop keeps accepting
+requests while the model runs. Each completion resolves exactly the future of the request it
+belongs to.
 
 Knobs and their trade-off: a larger ``max_batch_size`` raises throughput until the device is
 saturated; a longer ``max_wait_ms`` fills batches under light load but adds that much latency to
@@ -109,13 +110,14 @@ class DynamicBatcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [self._pending.popleft()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_ms / 1000
+        # The wait counts from when the first request was queued: one that already waited
+        # behind a running batch is not held for another max_wait_ms.
+        deadline = batch[0].enqueued_s + self.max_wait_ms / 1000
         while len(batch) < self.max_batch_size:
             if self._pending:
                 batch.append(self._pending.popleft())
                 continue
-            remaining = deadline - loop.time()
+            remaining = deadline - now()
             if remaining <= 0:
                 break
             self._wakeup.clear()

@@ -305,6 +305,11 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
                       **engine_kwargs) -> dict:
     """The ``latency`` bench: requests one at a time (no queueing, no batching) after warm-up.
 
+    Warm-up: ``engine.warmup()`` ``warmup`` times, then ``warmup`` untimed requests of each
+    (prompt length, output length) shape before that shape is timed: an engine with a static
+    KV cache and CUDA graphs builds them per shape, and the first request of a new shape would
+    otherwise carry that cost in its TTFT and TPOT.
+
     One run named ``"latency"`` per (prompt length, output length) pair, with extra fields
     ``prompt_len`` (target prompt tokens), ``out_len`` (output tokens, ``ignore_eos``) and
     ``prompt_tokens`` (mean actual). ``engine`` is a name for ``get_engine`` or an Engine.
@@ -324,6 +329,8 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
         bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
         for prompt_len, out_len in pairs:
             text = prompt_of_length(eng.tokenizer, prompt_len)
+            for _ in range(warmup):
+                eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
             done = []
             start = now()
             for _ in range(num_requests):
@@ -407,11 +414,13 @@ def _device_of(engine: Engine) -> str | None:
 
 
 def decode_sweep(engine: Engine, batch_sizes: Sequence[int], prompt_len: int = 32,
-                 out_len: int = 32, progress: bool = True):
+                 out_len: int = 32, progress: bool = True, warmup: bool = True):
     """Decode tokens/s of one static batch per size: ``batch_size / mean TPOT`` (tok/s).
 
-    TPOT excludes the first token, so prefill stays out; ``context_tokens`` is the mean context
-    a decode step attends to (prompt + half the output), for ``decode_roofline``.
+    With ``warmup`` each batch is generated once untimed before the timed run (a new batch size
+    means new kernels, allocations and, on the static-cache path, a new CUDA graph). TPOT
+    excludes the first token, so prefill stays out; ``context_tokens`` is the mean context a
+    decode step attends to (prompt + half the output), for ``decode_roofline``.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -422,6 +431,8 @@ def decode_sweep(engine: Engine, batch_sizes: Sequence[int], prompt_len: int = 3
     rows = []
     for b in tqdm(list(batch_sizes), desc="decode sweep", disable=not progress):
         reqs = [Request(prompt=text, max_tokens=out_len, ignore_eos=True) for _ in range(b)]
+        if warmup:
+            engine.generate(reqs)
         done = engine.generate(reqs)
         tpot = sum(c.tpot_s for c in done) / len(done)
         rows.append({"batch_size": b, "tpot_s": tpot, "decode_tokens_per_s": b / tpot,

@@ -24,6 +24,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -143,11 +144,16 @@ class RedisBackend:
         return value.decode() if isinstance(value, bytes) else value
 
     def set(self, key: str, value: str, ttl_s: float | None) -> None:
-        self.client.set(key, value, px=int(ttl_s * 1000) if ttl_s else None)
+        self.client.set(key, value, px=_ttl_ms(ttl_s))
 
     def clear(self, prefix: str) -> int:
         keys = list(self.client.scan_iter(match=prefix + "*", count=1000))
         return self.client.delete(*keys) if keys else 0
+
+
+def _ttl_ms(ttl_s: float | None) -> int | None:
+    """Redis's PX argument: whole milliseconds, at least 1 (PX 0 is an error)."""
+    return max(1, math.ceil(ttl_s * 1000)) if ttl_s else None
 
 
 class AsyncRedisBackend(RedisBackend):
@@ -163,7 +169,7 @@ class AsyncRedisBackend(RedisBackend):
         return value.decode() if isinstance(value, bytes) else value
 
     async def set(self, key: str, value: str, ttl_s: float | None) -> None:
-        await self.client.set(key, value, px=int(ttl_s * 1000) if ttl_s else None)
+        await self.client.set(key, value, px=_ttl_ms(ttl_s))
 
     async def clear(self, prefix: str) -> int:
         keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
@@ -244,7 +250,8 @@ class _CacheCore:
         if self._down_since is None:
             self._down_since = self._last_try
             self.stats.outages += 1
-            msg = f"cache backend unreachable ({type(exc).__name__}: {exc}); serving misses"
+            msg = (f"cache backend unreachable or failing ({type(exc).__name__}: {exc}); "
+                   "serving misses")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
@@ -260,7 +267,16 @@ class _CacheCore:
             self.stats.misses += 1
             self.stats.miss_latency_s.append(dt)
             return None
-        value = json.loads(raw)
+        try:
+            value = json.loads(raw)
+            if not isinstance(value, dict) or "text" not in value:
+                raise ValueError(f"expected an object with 'text', got {type(value).__name__}")
+        except ValueError as exc:  # a foreign or damaged entry: a miss, never a crash
+            warnings.warn(f"ignoring an unreadable cache entry ({exc}); treated as a miss",
+                          RuntimeWarning, stacklevel=3)
+            self.stats.misses += 1
+            self.stats.miss_latency_s.append(dt)
+            return None
         self.stats.hits += 1
         self.stats.hit_latency_s.append(dt)
         self.stats.tokens_saved += len(value.get("token_ids", ()))
@@ -287,7 +303,9 @@ def _make_backend(backend, url, capacity, asynchronous: bool):
 def _backend_errors() -> tuple[type[Exception], ...]:
     import redis
 
-    return (redis.ConnectionError, redis.TimeoutError, OSError)
+    # Every Redis error, not just a lost connection: a READONLY replica or an OOM refusal must
+    # not fail the request either.
+    return (redis.RedisError, OSError)
 
 
 class ResponseCache(_CacheCore):

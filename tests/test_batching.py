@@ -159,3 +159,22 @@ def test_batches_respect_max_batch_size_and_wait():
 def test_bad_settings_are_rejected(kw, message):
     with pytest.raises(ValueError, match=message):
         DynamicBatcher(SlowEcho(), **kw)
+
+
+def test_max_wait_counts_from_queueing_not_from_the_end_of_the_previous_batch():
+    """"b" waits 300 ms behind a full batch; its max_wait of 250 ms is over by the time the
+    engine is free, so it runs at once (old rule: 250 ms more from the moment it was taken)."""
+    engine = SlowEcho(delay_s=0.4)
+
+    async def main():
+        async with DynamicBatcher(engine, max_batch_size=2, max_wait_ms=250) as batcher:
+            full = asyncio.gather(*(batcher.submit(Request(prompt=p)) for p in "a1"))
+            await asyncio.sleep(0.1)                   # the full batch is in the engine
+            t_queued = now()
+            late = await batcher.submit(Request(prompt="b"))
+            await full
+            return late.end_s - t_queued
+
+    waited = asyncio.run(main())
+    # 0.3 s behind the running batch + 0.4 s of its own run; the old rule added 0.25 s more.
+    assert waited < 0.3 + 0.4 + 0.12, waited

@@ -144,6 +144,29 @@ def test_redis_ttl_expiry(server):
     assert cache.get(q()) is None
 
 
+def test_sub_millisecond_ttl_is_stored_not_refused(server):
+    cache = ResponseCache("smollm2-135m", url=server.url, ttl_s=0.0004, ns="tiny-ttl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # PX 0 would be a Redis error -> a warning
+        assert cache.put(q(), VALUE)
+    time.sleep(0.01)
+    assert cache.get(q()) is None and cache.stats.errors == 0
+
+
+def test_unreadable_entry_or_redis_refusal_is_a_miss_not_a_crash(server):
+    cache = ResponseCache("smollm2-135m", url=server.url, ns="damaged")
+    get_client(server.url).set(cache.key(q()), "{not json")
+    with pytest.warns(RuntimeWarning, match="unreadable cache entry"):
+        assert cache.get(q()) is None
+    assert cache.stats.misses == 1
+    # A server error other than a lost connection (here: a wrong-type key) fails open too.
+    get_client(server.url).delete(cache.key(q()))
+    get_client(server.url).lpush(cache.key(q()), "x")
+    with pytest.warns(RuntimeWarning, match="WRONGTYPE"):
+        assert cache.get(q()) is None
+    cache.clear()
+
+
 def test_namespaces_keep_models_apart(server):
     a = ResponseCache("model-a", url=server.url)
     b = ResponseCache("model-b", url=server.url)
