@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from labkit.profiling import tensor_bytes
+
 INT8_QMAX = 127
 INT4_SYM_QMAX = 7
 INT4_ASYM_QMAX = 15
@@ -229,22 +231,12 @@ def quantize_linears(model: nn.Module, scheme: str = "int8-channel",
     return model
 
 
-def _tensor_bytes(t: torch.Tensor | None) -> int:
-    """Bytes a tensor holds; a tensor subclass (torchao) is the sum of its inner tensors."""
-    if t is None:
-        return 0
-    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
 def weight_bytes(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
     """Bytes of the target linear layers' weights as stored now: codes, scales and zero points
     for quantized ones (ours or torchao's), ``numel * element size`` for dense ones."""
     total = 0
     for mod in target_linears(model, skip).values():
-        total += mod.weight_nbytes() if isinstance(mod, QuantLinear) else _tensor_bytes(mod.weight)
+        total += mod.weight_nbytes() if isinstance(mod, QuantLinear) else tensor_bytes(mod.weight)
     return total
 
 
@@ -349,14 +341,18 @@ def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
         device = next(model.parameters()).device
         for name, lin in list(target_linears(model).items()):
             w = lin.weight.detach().to(torch.float16).cpu()
+            has_bias = lin.bias is not None  # Qwen2-style q/k/v biases must survive
             if kind == "int8":
-                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=False,
+                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias,
                                           has_fp16_weights=False, threshold=6.0)
                 new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
             else:
-                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False,
+                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias,
                                         compute_dtype=torch.bfloat16, quant_type="nf4")
                 new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+            if has_bias:
+                new.bias = nn.Parameter(lin.bias.detach().to(model.dtype).cpu(),
+                                        requires_grad=False)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child,
                     new.to(device))  # moving to the GPU is what quantizes the weight

@@ -140,3 +140,15 @@ def test_profiler_table_names_the_matmuls_and_writes_a_trace(tiny_llama, tmp_pat
     assert table["self_cpu_ms"].is_monotonic_decreasing
     assert table["op"].str.contains("mm|linear").any()
     assert "traceEvents" in json.loads(trace.read_text())
+
+
+def test_weight_bytes_counts_quantized_layers_as_stored():
+    from labkit import quant
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False),
+                                torch.nn.Linear(32, 64, bias=False))
+    assert profiling.weight_bytes(model) == 2 * 64 * 32 * 4
+    quant.quantize_linears(model, "int8-channel", skip=())
+    # the codes live in buffers now: 1 byte per weight plus one scale per output row
+    assert profiling.weight_bytes(model) == quant.weight_bytes(model, skip=())
+    assert 2 * 64 * 32 < profiling.weight_bytes(model) < 2 * 64 * 32 * 1.1
