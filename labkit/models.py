@@ -225,6 +225,20 @@ def load_tokenizer(ref: ModelRef):
     return tok
 
 
+def eos_token_ids(ref: ModelRef, tokenizer) -> set[int]:
+    """The token ids that end a generation: ``generation_config.json``'s ``eos_token_id`` (one id
+    or a list, as ``generate`` and vLLM read it), else the tokenizer's end-of-sequence token."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(ref.path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return {i for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
+
+
 def load_model(name: str, device=None, dtype="auto"):
     """Load ``(model, tokenizer, ref)`` for inference: eval mode, on ``device`` in ``dtype``."""
     quiet_library_logs()

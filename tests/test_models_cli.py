@@ -111,3 +111,11 @@ def test_cli_missing_inputs_are_one_line_errors_not_tracebacks(argv, message, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eos_ids_come_from_the_generation_config_like_generate(hf_engine):
+    """vLLM's engine stops on the ids the hf engine stops on (generation_config.json)."""
+    ref = models.resolve("smollm2-135m")
+    tokenizer = models.load_tokenizer(ref)
+    assert models.eos_token_ids(ref, tokenizer) == hf_engine.eos_ids
+    assert tokenizer.eos_token_id in hf_engine.eos_ids

@@ -48,7 +48,7 @@ def engine(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
     eng = VLLMEngine.__new__(VLLMEngine)  # everything but loading vLLM
     eng.tokenizer = SimpleNamespace(eos_token_id=0)
-    eng._start(FakeLLMEngine(limit=20), max_model_len=64)
+    eng._start(FakeLLMEngine(limit=20), max_model_len=64, eos_ids={0})
     yield eng
     eng._closed.set()
     eng._thread.join(timeout=5)

@@ -57,7 +57,7 @@ class VLLMEngine(Engine):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import EngineArgs, LLMEngine
 
-        from labkit.models import load_tokenizer, resolve
+        from labkit.models import eos_token_ids, load_tokenizer, resolve
 
         super().__init__(model, device, dtype)
         self.ref = resolve(model)
@@ -73,14 +73,13 @@ class VLLMEngine(Engine):
                           distributed_executor_backend=distributed_executor_backend or (
                               "mp" if tensor_parallel_size > 1 else None),
                           enable_prefix_caching=enable_prefix_caching)
-        self._start(LLMEngine.from_engine_args(args), max_model_len)
+        self._start(LLMEngine.from_engine_args(args), max_model_len,
+                    eos_token_ids(self.ref, self.tokenizer))
 
-    def _start(self, llm, max_model_len: int) -> None:
+    def _start(self, llm, max_model_len: int, eos_ids: set[int]) -> None:
         """Take ``llm`` (a ``vllm.LLMEngine``, or anything with its ``add_request``/``step``)
-        and start the thread that steps it."""
-        self.llm, self.max_model_len = llm, max_model_len
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
+        and start the thread that steps it; ``eos_ids`` end a generation (as in ``hf``)."""
+        self.llm, self.max_model_len, self.eos_ids = llm, max_model_len, eos_ids
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Pending] = {}
         self._closed = threading.Event()
