@@ -42,6 +42,7 @@ BATCHERS = ("labkit", "serve")
 REPLICA_HEADER = "x-labkit-replica"
 APP_NAME = "labkit"
 DEPLOYMENT_NAME = "LabkitReplica"
+AUTOSCALING_METRICS_INTERVAL_S = 1.0  # load reports to the autoscaler (Ray's default: 10 s)
 _serve_http: tuple[str, int] | None = None  # (host, port) of the Serve proxy deploy() started
 
 
@@ -304,7 +305,11 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
     ``num_gpus_per_replica``: default 1 where CUDA is visible (one replica per GPU), else 0.
     ``num_cpus_per_replica``: default ``ray_num_cpus / max replicas`` on a CPU, so all fit.
     ``autoscaling``: a Serve ``autoscaling_config`` dict (``min_replicas``, ``max_replicas``,
-    ``target_ongoing_requests``, ...); then ``replicas`` is ignored. ``redis_url``: a shared
+    ``target_ongoing_requests``, ...); then ``replicas`` is ignored. Unless it says otherwise,
+    handles and replicas report their load every ``AUTOSCALING_METRICS_INTERVAL_S`` (1 s) instead
+    of Ray's 10 s, so a short lab can see the autoscaler react (Ray 2.60 reads this interval from
+    the config's ``metrics_interval_s``, which it marks deprecated in favour of environment
+    variables that its router and replicas do not read yet). ``redis_url``: a shared
     server; None starts one embedded Redis here for all replicas. ``batcher``: ``"labkit"``
     (``DynamicBatcher``) or ``"serve"`` (``@serve.batch``); both use ``max_batch_size`` and
     ``max_wait_ms``. Ray is started here (``ray_num_cpus`` logical CPUs, no dashboard) unless
@@ -355,15 +360,16 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
     if autoscaling:
         from ray.serve.config import AutoscalingConfig
 
-        with _quiet_look_back():
-            options["autoscaling_config"] = AutoscalingConfig(**autoscaling)
+        with _quiet_autoscaling_config():
+            options["autoscaling_config"] = AutoscalingConfig(
+                **{"metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S, **autoscaling})
     else:
         options["num_replicas"] = replicas
     try:
         if _serve_http is None:
             serve.start(http_options={"host": host, "port": port})
             _serve_http = (host, port)
-        with _quiet_look_back():
+        with _quiet_autoscaling_config():
             cls = serve.deployment(serve.ingress()(LabkitReplica), name=DEPLOYMENT_NAME,
                                    **options)
             app = cls.bind(model, engine, redis_url, cache, batcher, max_batch_size,
@@ -477,18 +483,11 @@ def serve_ray(model: str = DEFAULT_MODEL, engine: str = "auto", replicas: int = 
             print(f"warning: processes still alive after shutdown: {sorted(left)}", flush=True)
 
 
-def start_ray(num_cpus: int | None = None,
-              autoscaling_metrics_push_s: float | None = 1.0) -> set[int]:
+def start_ray(num_cpus: int | None = None) -> set[int]:
     """Start a local Ray (``num_cpus`` logical CPUs, default all; no dashboard); return the pids
-    of its processes. ``autoscaling_metrics_push_s``: how often handles and replicas report load
-    to the autoscaler (Ray's default is 10 s; 1 s lets a short lab see it react). It must be set
-    before Ray starts, as environment variables its processes inherit."""
+    of its processes."""
     import ray
 
-    if autoscaling_metrics_push_s is not None:
-        for var in ("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
-                    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
-            os.environ.setdefault(var, str(autoscaling_metrics_push_s))
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     return ray_processes()
@@ -510,11 +509,11 @@ def stop_ray() -> list[int]:
 
 # --- processes -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet_look_back():
-    """Ray validates ``look_back_period_s`` against the deprecated ``metrics_interval_s`` (10 s),
-    not against the push intervals ``start_ray`` sets, so a short look-back warns wrongly."""
+def _quiet_autoscaling_config():
+    """Setting ``metrics_interval_s`` (see ``deploy``) is the only way Ray 2.60 changes the push
+    interval, and Ray warns that the field is deprecated: the warning is not for students."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`look_back_period_s`", FutureWarning)
+        warnings.filterwarnings("ignore", "The `metrics_interval_s` field", DeprecationWarning)
         yield
 
 
