@@ -16,7 +16,11 @@ torch is imported inside functions, so ``import labkit.profiling`` stays cheap.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -103,6 +107,29 @@ def naive_time(fn: Callable[[], Any]) -> float:
 PROFILE_COLUMNS = ("op", "calls", "self_cpu_ms", "cpu_total_ms", "cuda_total_ms", "self_cuda_ms")
 
 
+KINETO_BANNERS = ("USDT:", "STAGE:")  # kineto's native start/stop lines, not errors
+
+
+@contextlib.contextmanager
+def _without_kineto_banners():
+    """Hold native stderr (fd 2) while the profiler runs and pass on every line except kineto's
+    ``USDT:``/``STAGE:`` banners, which ``KINETO_LOG_LEVEL`` does not silence."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(True)
+                    if not line.startswith(KINETO_BANNERS)]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | None = None,
                 device=None, warmup: int = 1):
     """Profile one call of ``fn`` with torch.profiler; the ``top`` ops as a DataFrame.
@@ -124,7 +151,8 @@ def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | N
     for _ in range(warmup):
         fn()
     _sync(dev)
-    with torch.inference_mode(), profile(activities=activities, record_shapes=False) as prof:
+    with _without_kineto_banners(), torch.inference_mode(), \
+            profile(activities=activities, record_shapes=False) as prof:
         fn()
         _sync(dev)
     rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -152,3 +153,13 @@ def test_weight_bytes_counts_quantized_layers_as_stored():
     # the codes live in buffers now: 1 byte per weight plus one scale per output row
     assert profiling.weight_bytes(model) == quant.weight_bytes(model, skip=())
     assert 2 * 64 * 32 < profiling.weight_bytes(model) < 2 * 64 * 32 * 1.1
+
+
+def test_profile_ops_drops_kineto_banners_but_keeps_other_native_stderr(capfd):
+    def fn():
+        os.write(2, b"a real native warning\n")
+        return torch.ones(8, 8) @ torch.ones(8, 8)
+
+    profiling.profile_ops(fn, top=3, device="cpu", warmup=0)
+    err = capfd.readouterr().err
+    assert "USDT:" not in err and "a real native warning" in err
