@@ -12,8 +12,11 @@ Definitions (all times in seconds, per request unless said otherwise):
 - output token throughput generated tokens / wall time of the run (tok/s).
 - goodput                 requests/s that met every given SLO (e.g. ttft_s <= 0.5).
 
-These match vLLM's ``benchmark_serving`` (its ``mean_tpot_ms`` also excludes the first token).
-Other tools differ: some call TPOT "ITL" or include the first token; say which you quote.
+These follow vLLM's ``benchmark_serving`` (its ``mean_tpot_ms`` also excludes the first token).
+One detail differs: vLLM takes TPOT's numerator as E2E - TTFT, labkit as last - first token time.
+They agree when a response ends with its last token; they part where the response ends later, as
+in a static batch (each request finishes with its batch) or over HTTP (a trailing usage chunk).
+Other tools differ more: some call TPOT "ITL" or include the first token; say which you quote.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The client streams chat completions (``stream: true``) with httpx and stamps eac
 that carries text as it arrives: TTFT, ITL and E2E are what a client of that server sees, over
 the network stack, with the server's queueing included. Output token counts come from the
 server's ``usage`` (``stream_options.include_usage``); TPOT is (last chunk - first chunk) /
-(tokens - 1), vLLM's definition. Works against labkit's server, vLLM's and any OpenAI-compatible
+(tokens - 1) (``labkit.metrics``). Works against labkit's server, vLLM's and any OpenAI-compatible
 one (``ignore_eos`` is vLLM's extension; other servers may ignore it).
 
 Load comes from ``labkit.bench``: closed loop (one run per concurrency) or open loop (Poisson

@@ -92,7 +92,8 @@ class TokenTimings:
 
     @property
     def tpot_s(self) -> float | None:
-        """Time per output token after the first (s), vLLM's definition; None if < 2 tokens."""
+        """Time per output token after the first (s): (last - first token time) / (tokens - 1),
+        as in ``labkit.metrics``; None if < 2 tokens."""
         after_first = self._tokens_after_first()
         if len(self.token_times_s) < 2 or after_first < 1:
             return None
