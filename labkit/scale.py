@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -490,6 +491,12 @@ def start_ray(num_cpus: int | None = None) -> set[int]:
 
     ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
+    # Serve's INFO lines ("Deploying app ...", "Application ... is ready") are for operators;
+    # the labs print what they measure. Warnings and errors still show. Importing Serve sets
+    # its logger up, so import it first.
+    from ray import serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     return ray_processes()
 
 
