@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 ships on this course's machines; on a GPU machine set
 # TORCH_SPEC to the build that matches its CUDA (any version pyproject.toml allows).
 TORCH_SPEC ?= torch==2.13.0
+# Where pip would otherwise fetch a CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 EXTRAS ?= lab,dev,scale
 PROFILE ?= ci
 STAMP := $(VENV)/.labkit-installed
@@ -35,7 +37,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

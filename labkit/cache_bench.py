@@ -128,7 +128,7 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
 
     ``engine``: an Engine or an engine name (then built with ``get_engine(name, model=model)``
     and closed at the end). Requests are greedy chat requests (one user message), one at a
-    time. Returns the bench JSON document (DESIGN.md) with runs ``"miss"`` and ``"hit"``
+    time. Returns the bench JSON document (``labkit.metrics``) with runs ``"miss"`` and ``"hit"``
     (latency of each path, seconds) and ``"workload"`` (all requests, with ``hit_ratio``,
     ``repeat_fraction``, ``tokens_saved``).
     The cache namespace is private to this run and cleared afterwards.

@@ -1,4 +1,7 @@
-"""``labkit`` command line: doctor, model, generate (more subcommands join as labs land)."""
+"""``labkit`` command line: doctor, model, generate, bench, serve, run, assign, grade.
+
+``--model``, ``--engine`` and ``run --profile`` default to ``LABKIT_MODEL``, ``LABKIT_ENGINE`` and
+``LABKIT_PROFILE``, then to ``labkit.config``'s defaults."""
 
 from __future__ import annotations
 
@@ -191,6 +194,9 @@ def _number(kind: type = int, *, at_least: float | None = None, above: float | N
     return parse
 
 
+ENGINE_HELP = "default: $LABKIT_ENGINE, else auto (vllm on a GPU where installed, else hf)"
+MODEL_HELP = ("default: $LABKIT_MODEL, else smollm2-135m (bench serve: the model the server "
+              "serves)")
 COUNT = _number(int, at_least=1)
 SECONDS = _number(float, above=0)
 PORT = _number(int, at_least=0, at_most=65535)
@@ -211,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate one completion and print its timings")
     p.add_argument("prompt")
-    p.add_argument("--engine", default="auto", choices=ENGINES)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--max-tokens", type=COUNT, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temperature", type=_number(float, at_least=0), default=0.0)
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat "
@@ -222,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet-stats", action="store_true", help="print the timing line to stderr")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("bench", help="run a benchmark and write the bench JSON (DESIGN.md)")
+    p = sub.add_parser("bench", help="run a benchmark and write the bench JSON (labkit/metrics.py)")
     p.add_argument("kind", choices=["latency", "batching", "cache", "quant", "serve"])
-    p.add_argument("--engine", default="auto", choices=ENGINES)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: print it)")
     p.add_argument("--num-requests", type=COUNT, help="requests per run")
     p.add_argument("--prompt-lens", default="32,128", help="latency: prompt tokens, e.g. 32,128")
@@ -257,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: cache -> batcher -> engine")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
-    p.add_argument("--engine", default="auto", choices=ENGINES)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--no-cache", action="store_true", help="no Redis response cache")
     p.add_argument("--max-batch-size", type=COUNT, default=16)
     p.add_argument("--max-wait-ms", type=_number(float, at_least=0), default=10.0)
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="execute the labs with papermill and write report.html")
     p.add_argument("notebooks", nargs="*", help="default: every notebooks/NN_*.ipynb in order")
-    p.add_argument("--profile", default="ci", choices=["ci", "full", "auto"])
+    p.add_argument("--profile", choices=["ci", "full", "auto"],
+                   help="default: $LABKIT_PROFILE, else full on a GPU and ci on a CPU")
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
     p.add_argument("--timeout", type=SECONDS, default=900, help="per-cell timeout (s)")
@@ -292,9 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill unset --model/--engine/--profile from LABKIT_MODEL/LABKIT_ENGINE/LABKIT_PROFILE and
+    the defaults (``labkit.config``); ``bench serve`` asks the server for its model instead."""
+    from labkit.config import resolve_profile, settings
+
+    if hasattr(args, "engine"):
+        args.engine = settings(engine=args.engine).engine
+    if hasattr(args, "model") and not (args.command == "bench" and args.kind == "serve"):
+        args.model = settings(model=args.model).model
+    if args.command == "run":
+        args.profile = resolve_profile(args.profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _resolve_defaults(args)
         return args.func(args)
     except (ValueError, RuntimeError, ImportError, FileNotFoundError) as err:
         print(f"labkit {args.command}: error: {err}", file=sys.stderr)

@@ -91,7 +91,8 @@ def _meets(value: float | None, limit: float) -> bool:
 
 def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
                    device: str | None = None, **extra) -> dict:
-    """The whole bench JSON object (see DESIGN.md's contract) around a list of runs."""
+    """The whole bench JSON object around a list of runs: the contract's fixed top-level fields
+    (bench, device, engine, model, labkit_version, created) plus ``extra``."""
     from labkit import __version__
     from labkit.device import device_name
 

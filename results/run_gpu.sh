@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces results/<GPU>/ on a GPU machine with labkit installed ('.[lab,gpu]'):
+# Reproduces results/<GPU>/ on a GPU machine with labkit installed ('.[lab,gpu,scale]'):
 #   bash results/run_gpu.sh [PART ...]   PART: latency quant batching cache serve labs (default all)
 # Each bench writes one JSON (the contract in labkit/metrics.py) into results/<GPU>/; ``labs``
 # executes every notebook in the full profile with vLLM (labs-vllm/, with report.html), then the

@@ -119,3 +119,25 @@ def test_eos_ids_come_from_the_generation_config_like_generate(hf_engine):
     tokenizer = models.load_tokenizer(ref)
     assert models.eos_token_ids(ref, tokenizer) == hf_engine.eos_ids
     assert tokenizer.eos_token_id in hf_engine.eos_ids
+
+
+def test_cli_defaults_come_from_the_environment_and_flags_win(monkeypatch):
+    from labkit.cli import _resolve_defaults, build_parser
+
+    def parsed(*argv):
+        args = build_parser().parse_args(list(argv))
+        _resolve_defaults(args)
+        return args
+
+    monkeypatch.setenv("LABKIT_MODEL", "synthetic-1b")
+    monkeypatch.setenv("LABKIT_ENGINE", "hf-cb")
+    monkeypatch.setenv("LABKIT_PROFILE", "full")
+    assert (parsed("generate", "hi").model, parsed("generate", "hi").engine) == \
+        ("synthetic-1b", "hf-cb")
+    assert parsed("generate", "hi", "--model", "smollm2-135m", "--engine", "hf").model \
+        == "smollm2-135m"
+    assert parsed("bench", "serve", "--url", "http://x").model is None  # asks the server
+    assert parsed("run").profile == "full" and parsed("run", "--profile", "ci").profile == "ci"
+    monkeypatch.delenv("LABKIT_MODEL")
+    monkeypatch.delenv("LABKIT_PROFILE")
+    assert parsed("serve").model == "smollm2-135m" and parsed("run").profile == "ci"  # no GPU
