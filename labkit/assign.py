@@ -93,11 +93,15 @@ def student_notebook(nb):
                 continue
             cell.outputs = []
             cell.execution_count = None
+        elif any(m in cell.source for m in (BEGIN_SOLUTION, END_SOLUTION, BEGIN_HIDDEN)):
+            raise ValueError(f"{where} is {cell.cell_type}, and solution or hidden-test markers "
+                             "work in code cells only: move the answer into a code cell")
         cell.metadata.pop("papermill", None)
         cell.metadata.pop("execution", None)
         cells.append(cell)
     out.cells = cells
     out.metadata.pop("papermill", None)
+    out.metadata.pop("widgets", None)  # widget state of the solution run (progress bars, ...)
     return out
 
 

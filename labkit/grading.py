@@ -28,6 +28,8 @@ GRADER_PREFIX = "__labkit_grader__:"  # records under this prefix count only fro
 RUBRIC_DIR = Path(__file__).resolve().parents[1] / "data" / "rubrics"
 KINDS = ("record", "hidden")
 OPS = ("equals", "close", "between", "true")
+CHECK_TIMEOUT_S = 60  # one hidden test or recomputation; over it, that check fails
+RESERVED = {"submission", "status", "total", "max", "reason", "feedback"}  # CSV columns
 _CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
                  "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
 
@@ -108,6 +110,9 @@ def _check(raw: dict, where: str, hidden_code: dict) -> Check:
         raise bad(f"unknown kind {raw['kind']!r}; choose one of: {', '.join(KINDS)}")
     if not isinstance(raw["points"], int | float) or raw["points"] <= 0:
         raise bad(f"points must be a positive number, got {raw['points']!r}")
+    if raw["name"] in RESERVED:
+        raise bad(f"name {raw['name']!r} is a column of the grade file already; choose another "
+                  f"(reserved: {', '.join(sorted(RESERVED))})")
     check = Check(**raw)
     if check.kind == "record":
         if not check.record:
@@ -174,23 +179,57 @@ def load_rubric(lab_or_path: int | str | Path) -> Rubric:
 
 # --------------------------------------------------------------------------- preparing a submission
 def _norm(source: str) -> str:
-    return "\n".join(line.rstrip() for line in source.strip().splitlines())
+    """A cell's code up to comments, quotes and layout (its AST), so a harmless edit to a lab's
+    record cell keeps it trusted; text that does not parse is compared line by line."""
+    import ast
+
+    from labkit.tamper import _strip_magics
+
+    try:
+        return ast.dump(ast.parse(_strip_magics(source)))
+    except SyntaxError:
+        return "\n".join(line.rstrip() for line in source.strip().splitlines())
 
 
-def trusted_sources(rubric: Rubric) -> set[str]:
-    """Sources of the lab's record cells, as students receive them: only these may record."""
+def _student_cells(rubric: Rubric) -> list[str]:
     import nbformat
 
     from labkit.assign import student_notebook
 
     nb = student_notebook(nbformat.read(rubric.notebook, as_version=4))
-    return {_norm(c.source) for c in nb.cells
-            if c.cell_type == "code" and re.search(r"\brecord\(", c.source)}
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def record_cells(rubric: Rubric) -> list[str]:
+    """Sources of the lab's record cells, as students receive them."""
+    return [src for src in _student_cells(rubric) if re.search(r"\brecord\(", src)]
+
+
+def trusted_sources(rubric: Rubric) -> set[str]:
+    """The record cells, normalized (``_norm``): only cells with one of these codes may record."""
+    return {_norm(src) for src in record_cells(rubric)}
+
+
+def given_sources(rubric: Rubric) -> set[str]:
+    """Every code cell of the notebook students receive (normalized): the lab's own code."""
+    return {_norm(src) for src in _student_cells(rubric)}
+
+
+def tampering(nb, given: set[str]) -> list[str]:
+    """``labkit.tamper.scan`` findings in the code cells the student wrote or changed (cells in
+    ``given``, the distributed notebook's, are the lab's own code), as ``cell N line M: ...``."""
+    from labkit.tamper import scan
+
+    return [f"cell {i} {finding}" for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and _norm(c.source) not in given
+            for finding in scan(c.source)]
 
 
 def _grader_cell(nonce: str, check: Check, role: str):
     """A cell that runs a hidden test (``exec``) or a recomputation (``eval``) on a copy of the
-    student's globals and publishes the outcome under the nonce, bypassing patchable helpers."""
+    student's globals and publishes the outcome under the nonce, bypassing patchable helpers
+    (builtins by module, not by name). A check that runs over ``CHECK_TIMEOUT_S`` fails alone;
+    the notebook goes on."""
     import nbformat
 
     name = f"{GRADER_PREFIX}{nonce}:{role}:{check.name}"
@@ -199,7 +238,9 @@ def _grader_cell(nonce: str, check: Check, role: str):
     fn = f"_lk_grader_{nonce}"
     src = f"""# labkit grader: {role} check {check.name!r}
 def {fn}(_g):
+    import builtins as _b
     import json
+    import signal
     from IPython.core.getipython import get_ipython
 
     def emit(payload):
@@ -208,12 +249,21 @@ def {fn}(_g):
         get_ipython().display_pub.publish(
             data={{{RECORD_MIME!r}: {{"name": {name!r}, "value": value}},
                   "text/plain": "labkit grader " + {check.name!r}}}, metadata={{}})
+    def late(*_args):
+        raise TimeoutError("took longer than {CHECK_TIMEOUT_S} s")
+
+    before = signal.signal(signal.SIGALRM, late)
+    signal.alarm({CHECK_TIMEOUT_S})
     try:
-        _out = {mode}(compile({text!r}, {f'<{role} check {check.name}>'!r}, {mode!r}), dict(_g))
-    except Exception as exc:
-        emit({{"passed": False, "error": f"{{type(exc).__name__}}: {{exc}}"}})
+        _out = _b.{mode}(_b.compile({text!r}, {f'<{role} check {check.name}>'!r}, {mode!r}),
+                         _b.dict(_g))
+    except _b.Exception as exc:
+        emit({{"passed": False, "error": f"{{_b.type(exc).__name__}}: {{exc}}"}})
     else:
         emit({result})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 {fn}(globals())
 del {fn}
 """
@@ -329,14 +379,21 @@ def _reason(failure, timeout_s: float) -> tuple[str, str]:
 
 
 def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
-              params: dict, executed_dir: Path | None = None) -> dict:
-    """Run and score one submission; one CSV row (never raises for a broken submission)."""
+              params: dict, executed_dir: Path | None = None, given: set[str] | None = None,
+              kernel_name: str | None = None) -> dict:
+    """Run and score one submission; one CSV row (never raises for a broken submission).
+
+    ``given``: the distributed notebook's cells (``given_sources``); code outside them is
+    scanned first (``tampering``) and a submission with findings is not run: status
+    ``flagged``, zero points, the findings as reason. ``kernel_name``: the kernel to run it in.
+    """
     import nbformat
 
     from labkit.runner import execute
 
     row = {"submission": path.name}
     nonce = secrets.token_hex(8)
+    flagged: list[str] = []
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         work = Path(tmp) / "notebooks"
         work.mkdir()
@@ -347,11 +404,18 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
             nb = nbformat.read(path, as_version=4)
         except Exception as exc:
             nb, failure, status, reason = None, None, "error", f"unreadable notebook: {exc}"
-        if nb is not None:
+        if nb is not None and given is not None:
+            flagged = tampering(nb, given)
+        if flagged:
+            status = "flagged"
+            reason = ("not run: reaches for the grader, an instructor should look at it ("
+                      + "; ".join(flagged[:5]) + (" ..." if len(flagged) > 5 else "") + ")")
+            nb = None
+        elif nb is not None:
             nbformat.write(prepare_submission(nb, rubric, nonce, trusted), work / path.name)
             ex = execute(work / path.name, work / f"executed-{path.name}",
                          parameters={"PROFILE": "ci", **rubric.parameters, **params}, cwd=work,
-                         total_timeout_s=timeout_s)
+                         total_timeout_s=timeout_s, kernel_name=kernel_name)
             failure = ex.failure
             status, reason = _reason(failure, timeout_s)
             try:
@@ -367,9 +431,32 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
         status, reason = "no-records", "the notebook recorded nothing (record cells missing?)"
     if ignored:
         feedback.append(f"ignored {ignored} record(s) not emitted by the lab's own record cells")
+    if flagged:
+        feedback = []
     row.update(status=status, total=sum(points.values()), max=float(rubric.max_points), **points,
                reason=reason, feedback="; ".join(feedback))
     return row
+
+
+GRADE_MARK = "LABKIT_GRADE_RUN"  # environment variable of grading kernels, and their children
+
+
+def kill_marked(mark: str) -> int:
+    """SIGKILL every process whose environment has ``GRADE_MARK=mark``; returns how many. Linux
+    (``/proc``); elsewhere nothing is found."""
+    import os
+    import signal
+
+    needle = f"{GRADE_MARK}={mark}".encode()
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    return killed
 
 
 def _has_records(nb) -> bool:
@@ -381,10 +468,13 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
           params: dict | None = None):
     """Grade every ``*.ipynb`` in ``submission_dir`` against the lab's rubric; write ``out_csv``.
 
-    One row per submission: submission, status (ok / error / timeout / no-records), total, max,
-    one column of points per check, reason (why the run stopped) and feedback (lost points).
-    ``timeout_s`` (default: the rubric's) bounds each notebook's cell execution in seconds.
-    Executed copies go to ``<out_csv stem>_executed/``. Returns the rows as a DataFrame.
+    One row per submission: submission, status (ok / error / timeout / no-records / flagged),
+    total, max, one column of points per check, reason (why the run stopped, or what a flagged
+    submission reached for) and feedback (lost points). ``timeout_s`` (default: the rubric's)
+    bounds each notebook's run in seconds, kernel start included. Executed copies go to
+    ``<out_csv stem>_executed/``. Each kernel carries a per-run mark in its environment; after
+    each submission, processes with that mark still running (a detached child, a Ray cluster
+    of a notebook that timed out) are killed. Returns the rows as a DataFrame.
     """
     import pandas as pd
 
@@ -392,11 +482,24 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
     subs = sorted(Path(submission_dir).glob("*.ipynb"))
     if not subs:
         raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
-    trusted = trusted_sources(rub)
+    from labkit.runner import prepare_kernel, state_dir
+
+    trusted, given = trusted_sources(rub), given_sources(rub)
     out_csv = Path(out_csv)
     executed = out_csv.with_name(f"{out_csv.stem}_executed")
-    rows = [grade_one(p, rub, trusted, timeout_s or rub.timeout_s, params or {}, executed)
-            for p in subs]
+    mark = secrets.token_hex(8)
+    kernel = prepare_kernel({GRADE_MARK: mark})
+    rows = []
+    try:
+        for p in subs:
+            row = grade_one(p, rub, trusted, timeout_s or rub.timeout_s, params or {}, executed,
+                            given, kernel)
+            if (left := kill_marked(mark)):
+                row["feedback"] = "; ".join(filter(None, [
+                    row["feedback"], f"killed {left} process(es) it left running"]))
+            rows.append(row)
+    finally:
+        shutil.rmtree(state_dir() / "jupyter" / "path" / "kernels" / kernel, ignore_errors=True)
     columns = ["submission", "status", "total", "max", *[c.name for c in rub.checks],
                "reason", "feedback"]
     df = pd.DataFrame(rows, columns=columns)

@@ -164,8 +164,8 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
             kernel_name: str | None = None) -> Execution:
     """Run ``src`` with papermill into ``dst``; never raises for errors inside the notebook.
 
-    ``cell_timeout_s`` bounds each cell, ``total_timeout_s`` all cells together (seconds of cell
-    execution; kernel start-up is bounded separately by papermill's 60 s start timeout).
+    ``cell_timeout_s`` bounds each cell, ``total_timeout_s`` the whole run in seconds, counted
+    from this call (kernel start-up included; papermill also bounds start-up by 60 s).
     """
     import nbformat
     import papermill as pm

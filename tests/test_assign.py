@@ -12,6 +12,7 @@ from labkit.assign import (
     make_student_notebooks,
     solution_lines,
     stub_solutions,
+    student_notebook,
 )
 from labkit.runner import PROJECT_ROOT
 
@@ -76,3 +77,14 @@ def test_unbalanced_markers_name_the_cell_and_line(source, message):
     with pytest.raises(ValueError, match=message) as err:
         stub_solutions(source, "cell 4")
     assert str(err.value).startswith("cell 4: ")
+
+
+def test_markers_outside_code_cells_are_refused_and_widget_state_is_dropped():
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell("x = 1")],
+                      metadata={"widgets": {"application/vnd.jupyter.widget-state+json": {}}})
+    assert "widgets" not in student_notebook(nb).metadata
+    nb.cells.append(new_markdown_cell("Answer:\n### BEGIN SOLUTION\nit is 42\n### END SOLUTION"))
+    with pytest.raises(ValueError, match="cell 1 is markdown, and solution or hidden-test markers"):
+        student_notebook(nb)

@@ -1,9 +1,11 @@
 """Grading end to end: one batch of submissions of a tiny lab, each scored the way it deserves.
 
-The batch holds the solution (full marks), the untouched student version (only the set-up
-point), one that raises (keeps what it earned before the error), one that loops forever (timeout),
-and one that forges records (no points for them). Rubric validation and the repository's own
-rubrics are checked without running anything.
+The batch holds the solution (full marks, also with a comment added to its record cell), the
+untouched student version (only the set-up point), one that raises (keeps what it earned before
+the error), one that loops forever (timeout), one whose hidden test hangs (only that check
+fails), one that forges records at run time (no points for them) and one whose code reaches for
+the grader (flagged, not run). Rubric validation and the repository's own rubrics are checked
+without running anything.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from fixtures.fixture_lab import RECORD_CELL, write_fixture_lab
 from nbformat.v4 import new_code_cell
 
 from labkit.assign import make_student_notebooks
-from labkit.grading import RECORD_MIME, RUBRIC_DIR, load_rubric, trusted_sources
+from labkit.grading import RECORD_MIME, RUBRIC_DIR, load_rubric, record_cells
 
-FORGERY = f'''import labkit.grading
-from IPython.display import display
-labkit.grading.record("add_n_4", 7)                  # a record from a cell that is not a check cell
-display({{"{RECORD_MIME}": {{"name": "__labkit_grader__:0123456789abcdef:hidden:add_hidden",
-                             "value": {{"passed": True}}}}, "text/plain": ""}}, raw=True)
+FORGERY = '''import labkit.grading
+labkit.grading.record("add_n_4", 7)         # a record from a cell that is not a check cell'''
+TAMPERING = '''import labkit.grading
+exec = lambda *a, **k: None                          # the grader's hidden tests "pass"
+eval = lambda *a, **k: 7                             # and its recomputation agrees
 _real = labkit.grading.record                        # make the real record cell lie
 labkit.grading.record = lambda name, value: _real(name, 7 if name == "add_n_4" else value)'''
 
@@ -65,11 +67,25 @@ def graded(tmp_path_factory) -> pd.DataFrame:
     rec.outputs = [nbformat.v4.new_output("display_data", data={
         RECORD_MIME: {"name": "add_n_4", "value": 7}, "text/plain": "recorded"})]
     nbformat.write(nb, subs / "forged.ipynb")
+    nb.cells[ex + 1] = new_code_cell(TAMPERING)
+    nbformat.write(nb, subs / "tampered.ipynb")
 
-    from labkit.grading import grade
+    nb = nbformat.read(solution, as_version=4)                # a comment and other quotes
+    rec = nb.cells[_cell_index(nb, RECORD_CELL)]
+    rec.source = "# my result\n" + rec.source.replace('"add_n_4"', "'add_n_4'")
+    nbformat.write(nb, subs / "commented.ipynb")
+
+    nb = nbformat.read(student, as_version=4)                 # right, but hangs on a < 0
+    nb.cells[_cell_index(nb, "def add(")].source = (
+        "def add(a, b):\n    while a < 0:\n        pass\n    return a + b")
+    nbformat.write(nb, subs / "slow_hidden.ipynb")
+
+    from labkit import grading
 
     csv = tmp / "grades.csv"
-    grade(subs, "99", csv, timeout_s=6, rubric=load_rubric(rubric))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(grading, "CHECK_TIMEOUT_S", 1)
+        grading.grade(subs, "99", csv, timeout_s=8, rubric=load_rubric(rubric))
     return pd.read_csv(csv, keep_default_na=False).set_index("submission")
 
 
@@ -92,20 +108,41 @@ def test_raising_submission_keeps_points_earned_before_the_error(graded):
 
 def test_endless_loop_times_out_and_the_batch_goes_on(graded):
     row = graded.loc["loops.ipynb"]
-    assert row.status == "timeout" and "timed out after 6 s" in row.reason
-    assert "add_hidden" in row.reason and row.total == 1
+    assert row.status == "timeout" and "timed out after 8 s in cell 5" in row.reason
+    assert "TimeoutError" in row.feedback and row.total == 1  # hidden tests stopped first
 
 
 def test_forged_records_earn_nothing(graded):
     row = graded.loc["forged.ipynb"]
     assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 0, 0)
-    assert "recorded 7 but add(N, 4) gives -1" in row.feedback
-    assert "ignored 2 record(s)" in row.feedback
+    assert "got -1, expected 7" in row.feedback
+    assert "ignored 1 record(s)" in row.feedback
+
+
+def test_code_that_reaches_for_the_grader_is_flagged_and_not_run(graded):
+    row = graded.loc["tampered.ipynb"]
+    assert (row.status, row.total) == ("flagged", 0)
+    for finding in ("rebinds 'exec'", "rebinds 'eval'", "assigns to 'labkit.grading.record'"):
+        assert finding in row.reason
+    assert row.feedback == ""
+
+
+def test_a_comment_in_a_record_cell_keeps_it_trusted(graded):
+    row = graded.loc["commented.ipynb"]
+    assert (row.status, row.total) == ("ok", 8)
+
+
+def test_a_hanging_hidden_test_fails_alone(graded):
+    row = graded.loc["slow_hidden.ipynb"]
+    assert (row.status, row.setup, row.add_n_4, row.add_hidden, row.add_floats) == \
+        ("ok", 1, 3, 0, 2)
+    assert "TimeoutError: took longer than 1 s" in row.feedback
 
 
 def test_csv_has_one_row_per_submission_and_a_column_per_check(graded):
-    assert sorted(graded.index) == ["forged.ipynb", "loops.ipynb", "raises.ipynb",
-                                    "solution.ipynb", "student.ipynb"]
+    assert sorted(graded.index) == ["commented.ipynb", "forged.ipynb", "loops.ipynb",
+                                    "raises.ipynb", "slow_hidden.ipynb", "solution.ipynb",
+                                    "student.ipynb", "tampered.ipynb"]
     assert list(graded.columns) == ["status", "total", "max", "setup", "add_n_4", "add_hidden",
                                     "add_floats", "reason", "feedback"]
 
@@ -131,6 +168,13 @@ def test_bad_rubric_names_the_check_and_the_field(tmp_path, change, message):
     assert message in str(err.value)
 
 
+def test_a_check_named_like_a_grade_column_is_refused(tmp_path):
+    _, rubric = write_fixture_lab(tmp_path)
+    rubric.write_text(rubric.read_text().replace('name = "setup"', 'name = "total"'))
+    with pytest.raises(ValueError, match="name 'total' is a column of the grade file already"):
+        load_rubric(rubric)
+
+
 def test_hidden_check_without_code_or_labelled_block_is_refused(tmp_path):
     _, rubric = write_fixture_lab(tmp_path)
     rubric.write_text(rubric.read_text().replace('name = "add_hidden"', 'name = "nowhere"'))
@@ -144,7 +188,7 @@ RUBRICS = sorted(RUBRIC_DIR.glob("lab*.toml"))
 @pytest.mark.parametrize("path", RUBRICS, ids=[p.name for p in RUBRICS])
 def test_repository_rubric_refers_to_real_record_cells(path: Path):
     rubric = load_rubric(path)
-    trusted = "\n".join(trusted_sources(rubric))
+    trusted = "\n".join(record_cells(rubric))
     for check in rubric.checks:
         if check.kind == "record":
             assert f'"{check.record}"' in trusted, f"{path.name}: no record cell of {check.record}"

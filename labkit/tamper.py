@@ -1,0 +1,118 @@
+"""Find code in a submission that reaches for the grader instead of solving the exercise.
+
+The grader's hidden tests and recomputations run inside the student's kernel (see
+``labkit.grading``), so a student's code can in principle replace what they call: shadow ``exec``,
+patch IPython's display publisher, start a process that outlives the kernel and edits the grade
+file. ``scan(source)`` reads a cell's code (without running it) and names every such reach: it is
+a list of patterns, not a sandbox, and the rubric README says so. Cells the student did not
+change are not scanned; a flagged submission is not run and scores zero with the findings as
+its reason, for an instructor to look at.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+# Names the grader's cells resolve in the student's namespace: rebinding them is never needed.
+GRADER_NAMES = {"exec", "eval", "compile", "__import__", "__builtins__", "builtins",
+                "get_ipython", "globals"}
+# Modules whose attributes the grader or the kernel rely on: assigning into them is tampering.
+PROTECTED_MODULES = {"builtins", "__builtins__", "json", "labkit", "IPython", "sys", "os",
+                     "papermill", "nbformat", "ipykernel"}
+PROTECTED_ATTRS = {"display_pub", "display_formatter", "publish"}  # IPython's output path
+# Imports that reach outside the kernel or into the interpreter.
+FORBIDDEN_IMPORTS = {"builtins", "ctypes", "subprocess", "multiprocessing", "pty", "importlib",
+                     "signal", "IPython.core", "ipykernel"}
+FORBIDDEN_CALLS = {"os.system", "os.popen", "os.fork", "os.forkpty", "os.kill", "os.killpg",
+                   "os.setsid", "os.setpgrp", "sys.settrace", "sys.setprofile", "sys._getframe",
+                   "inspect.currentframe", "gc.get_objects", "gc.get_referrers",
+                   "gc.get_referents", "setattr", "delattr", "get_ipython", "__import__",
+                   "globals"}
+FORBIDDEN_CALL_PREFIXES = ("os.exec", "os.spawn", "os.posix_spawn")
+# Strings that smuggle the same into eval'd code or a shell.
+FORBIDDEN_TEXT = re.compile(r"subprocess|Popen|os\.system|/proc/|ctypes|labkit_grader|"
+                            r"__labkit_grader__|display_pub")
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a Name/Attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    if isinstance(node, ast.Call):  # get_ipython().display_pub ...
+        inner = _dotted(node.func)
+        return None if inner is None else ".".join([inner + "()", *reversed(parts)])
+    return None
+
+
+def _target_problem(target: ast.AST) -> str | None:
+    if isinstance(target, ast.Name) and target.id in GRADER_NAMES:
+        return f"rebinds {target.id!r}"
+    if isinstance(target, ast.Attribute | ast.Subscript):
+        base = target.value if isinstance(target, ast.Subscript) else target
+        dotted = _dotted(base) or ""
+        if dotted.split(".")[0] in PROTECTED_MODULES or dotted.startswith("get_ipython()"):
+            return f"assigns to {dotted!r}"
+        if isinstance(target, ast.Attribute) and target.attr in PROTECTED_ATTRS:
+            return f"assigns to an attribute named {target.attr!r}"
+    if isinstance(target, ast.Tuple | ast.List):
+        return next((p for t in target.elts if (p := _target_problem(t))), None)
+    return None
+
+
+def _strip_magics(source: str) -> str:
+    """IPython lines (``%magic``, ``!shell``) are not Python; a ``!`` line is flagged itself."""
+    return "\n".join("" if line.lstrip().startswith(("%", "?")) else line
+                     for line in source.splitlines())
+
+
+def scan(source: str) -> list[str]:
+    """What in ``source`` (one code cell) reaches for the grader, as ``line N: ...`` strings;
+    an empty list when nothing does. Code that does not parse is left to fail when it runs."""
+    found = [f"line {i}: runs a shell command" for i, line in
+             enumerate(source.splitlines(), 1) if line.lstrip().startswith("!")]
+    try:
+        tree = ast.parse(_strip_magics(source).replace("\n!", "\n#"))
+    except SyntaxError:
+        return found
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        problems: list[str] = []
+        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
+            targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]
+            problems += [p for t in targets if (p := _target_problem(t))]
+        elif isinstance(node, ast.For | ast.AsyncFor | ast.comprehension | ast.NamedExpr):
+            problems += [p] if (p := _target_problem(node.target)) else []
+        elif isinstance(node, ast.withitem) and node.optional_vars is not None:
+            problems += [p] if (p := _target_problem(node.optional_vars)) else []
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name in GRADER_NAMES:
+                problems.append(f"defines {node.name!r}")
+        elif isinstance(node, ast.Global | ast.Nonlocal):
+            problems += [f"declares {n!r} global" for n in node.names if n in GRADER_NAMES]
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
+            for alias in node.names:
+                full = f"{module}.{alias.name}" if module else alias.name
+                if any(full == f or full.startswith(f + ".") or module == f or
+                       module.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
+                    problems.append(f"imports {full!r}")
+                if (alias.asname or alias.name) in GRADER_NAMES:
+                    problems.append(f"rebinds {alias.asname or alias.name!r} by import")
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func) or ""
+            if name in FORBIDDEN_CALLS or name.startswith(FORBIDDEN_CALL_PREFIXES):
+                problems.append(f"calls {name}()")
+        elif isinstance(node, ast.Attribute) and (node.attr == "display_pub"
+                                                  or _dotted(node) == "sys.modules"):
+            problems.append(f"uses {node.attr!r}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and (m := FORBIDDEN_TEXT.search(node.value)):
+            problems.append(f"has a string mentioning {m.group(0)!r}")
+        found += [f"line {line}: {p}" for p in problems]
+    return sorted(set(found), key=lambda s: (int(s.split(":")[0].split()[1]), s))
