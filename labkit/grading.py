@@ -183,10 +183,10 @@ def _norm(source: str) -> str:
     record cell keeps it trusted; text that does not parse is compared line by line."""
     import ast
 
-    from labkit.tamper import _strip_magics
+    from labkit.tamper import strip_magics
 
     try:
-        return ast.dump(ast.parse(_strip_magics(source)))
+        return ast.dump(ast.parse(strip_magics(source)))
     except SyntaxError:
         return "\n".join(line.rstrip() for line in source.strip().splitlines())
 

@@ -65,9 +65,10 @@ def _target_problem(target: ast.AST) -> str | None:
     return None
 
 
-def _strip_magics(source: str) -> str:
-    """IPython lines (``%magic``, ``!shell``) are not Python; a ``!`` line is flagged itself."""
-    return "\n".join("" if line.lstrip().startswith(("%", "?")) else line
+def strip_magics(source: str) -> str:
+    """``source`` with IPython's own lines (``%magic``, ``!shell``, ``?help``) blanked, so the
+    rest parses as Python (``scan`` reports ``!`` lines separately)."""
+    return "\n".join("" if line.lstrip().startswith(("%", "?", "!")) else line
                      for line in source.splitlines())
 
 
@@ -77,7 +78,7 @@ def scan(source: str) -> list[str]:
     found = [f"line {i}: runs a shell command" for i, line in
              enumerate(source.splitlines(), 1) if line.lstrip().startswith("!")]
     try:
-        tree = ast.parse(_strip_magics(source).replace("\n!", "\n#"))
+        tree = ast.parse(strip_magics(source))
     except SyntaxError:
         return found
     for node in ast.walk(tree):
