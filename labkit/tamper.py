@@ -72,48 +72,56 @@ def strip_magics(source: str) -> str:
                      for line in source.splitlines())
 
 
+def _bound(node: ast.AST) -> list[ast.AST]:
+    """The targets a statement or clause binds or deletes (none for other nodes)."""
+    if isinstance(node, ast.Assign | ast.Delete):
+        return node.targets
+    if isinstance(node, ast.AugAssign | ast.AnnAssign | ast.For | ast.AsyncFor |
+                  ast.comprehension | ast.NamedExpr):
+        return [node.target]
+    if isinstance(node, ast.withitem) and node.optional_vars is not None:
+        return [node.optional_vars]
+    return []
+
+
+def _node_problems(node: ast.AST) -> list[str]:
+    problems = [p for t in _bound(node) if (p := _target_problem(t))]
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) \
+            and node.name in GRADER_NAMES:
+        problems.append(f"defines {node.name!r}")
+    elif isinstance(node, ast.Global | ast.Nonlocal):
+        problems += [f"declares {n!r} global" for n in node.names if n in GRADER_NAMES]
+    elif isinstance(node, ast.Import | ast.ImportFrom):
+        module = f"{node.module}." if isinstance(node, ast.ImportFrom) and node.module else ""
+        for alias in node.names:
+            full = module + alias.name
+            if any(full == f or full.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
+                problems.append(f"imports {full!r}")
+            if (alias.asname or alias.name) in GRADER_NAMES:
+                problems.append(f"rebinds {alias.asname or alias.name!r} by import")
+    elif isinstance(node, ast.Call):
+        name = _dotted(node.func) or ""
+        if name in FORBIDDEN_CALLS or name.startswith(FORBIDDEN_CALL_PREFIXES):
+            problems.append(f"calls {name}()")
+    elif isinstance(node, ast.Attribute) and (node.attr == "display_pub"
+                                              or _dotted(node) == "sys.modules"):
+        problems.append(f"uses {node.attr!r}")
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+            and (m := FORBIDDEN_TEXT.search(node.value)):
+        problems.append(f"has a string mentioning {m.group(0)!r}")
+    return problems
+
+
 def scan(source: str) -> list[str]:
-    """What in ``source`` (one code cell) reaches for the grader, as ``line N: ...`` strings;
-    an empty list when nothing does. Code that does not parse is left to fail when it runs."""
-    found = [f"line {i}: runs a shell command" for i, line in
-             enumerate(source.splitlines(), 1) if line.lstrip().startswith("!")]
+    """What in ``source`` (one code cell) reaches for the grader, as ``line N: ...`` strings in
+    line order; an empty list when nothing does. Code that does not parse is left to fail when
+    it runs."""
+    found = {(i, "runs a shell command") for i, line in enumerate(source.splitlines(), 1)
+             if line.lstrip().startswith("!")}
     try:
         tree = ast.parse(strip_magics(source))
     except SyntaxError:
-        return found
-    for node in ast.walk(tree):
-        line = getattr(node, "lineno", 0)
-        problems: list[str] = []
-        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Delete):
-            targets = node.targets if isinstance(node, ast.Assign | ast.Delete) else [node.target]
-            problems += [p for t in targets if (p := _target_problem(t))]
-        elif isinstance(node, ast.For | ast.AsyncFor | ast.comprehension | ast.NamedExpr):
-            problems += [p] if (p := _target_problem(node.target)) else []
-        elif isinstance(node, ast.withitem) and node.optional_vars is not None:
-            problems += [p] if (p := _target_problem(node.optional_vars)) else []
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            if node.name in GRADER_NAMES:
-                problems.append(f"defines {node.name!r}")
-        elif isinstance(node, ast.Global | ast.Nonlocal):
-            problems += [f"declares {n!r} global" for n in node.names if n in GRADER_NAMES]
-        elif isinstance(node, ast.Import | ast.ImportFrom):
-            module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
-            for alias in node.names:
-                full = f"{module}.{alias.name}" if module else alias.name
-                if any(full == f or full.startswith(f + ".") or module == f or
-                       module.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
-                    problems.append(f"imports {full!r}")
-                if (alias.asname or alias.name) in GRADER_NAMES:
-                    problems.append(f"rebinds {alias.asname or alias.name!r} by import")
-        elif isinstance(node, ast.Call):
-            name = _dotted(node.func) or ""
-            if name in FORBIDDEN_CALLS or name.startswith(FORBIDDEN_CALL_PREFIXES):
-                problems.append(f"calls {name}()")
-        elif isinstance(node, ast.Attribute) and (node.attr == "display_pub"
-                                                  or _dotted(node) == "sys.modules"):
-            problems.append(f"uses {node.attr!r}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and (m := FORBIDDEN_TEXT.search(node.value)):
-            problems.append(f"has a string mentioning {m.group(0)!r}")
-        found += [f"line {line}: {p}" for p in problems]
-    return sorted(set(found), key=lambda s: (int(s.split(":")[0].split()[1]), s))
+        tree = ast.Module(body=[], type_ignores=[])
+    found |= {(getattr(node, "lineno", 0), p) for node in ast.walk(tree)
+              for p in _node_problems(node)}
+    return [f"line {line}: {p}" for line, p in sorted(found)]
