@@ -268,12 +268,16 @@ def strict_json(value):
     return value
 
 
+def json_text(document, **dumps_kwargs) -> str:
+    """``document`` as indented, strict JSON (``strict_json``: undefined values as null)."""
+    return json.dumps(strict_json(document), indent=2, allow_nan=False, **dumps_kwargs)
+
+
 def write_json(document: dict, path: str | Path) -> Path:
-    """Write a bench document as indented, strict JSON (undefined values as null; parent folders
-    created); returns the path."""
+    """Write a bench document as ``json_text`` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(strict_json(document), indent=2, allow_nan=False) + "\n")
+    path.write_text(json_text(document) + "\n")
     return path
 
 

@@ -73,7 +73,7 @@ def _engine_kwargs(args) -> dict:
 
 
 def _cmd_bench(args) -> int:
-    from labkit.bench import int_list, strict_json, write_json
+    from labkit.bench import int_list, json_text, write_json
 
     kind, json_path = args.kind, args.json
     if kind == "latency":
@@ -121,7 +121,7 @@ def _cmd_bench(args) -> int:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
     else:
-        print(json.dumps(strict_json(doc), indent=2, allow_nan=False))
+        print(json_text(doc))
     return 0
 
 
@@ -304,10 +304,11 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     the defaults (``labkit.config``); ``bench serve`` asks the server for its model instead."""
     from labkit.config import resolve_profile, settings
 
+    resolved = settings(model=getattr(args, "model", None), engine=getattr(args, "engine", None))
     if hasattr(args, "engine"):
-        args.engine = settings(engine=args.engine).engine
+        args.engine = resolved.engine
     if hasattr(args, "model") and not (args.command == "bench" and args.kind == "serve"):
-        args.model = settings(model=args.model).model
+        args.model = resolved.model
     if args.command == "run":
         args.profile = resolve_profile(args.profile)
 

@@ -13,6 +13,7 @@ credit), and a notebook that stops early keeps the points of the records it prod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -191,13 +192,20 @@ def _norm(source: str) -> str:
         return "\n".join(line.rstrip() for line in source.strip().splitlines())
 
 
-def _student_cells(rubric: Rubric) -> list[str]:
+def _student_cells(rubric: Rubric) -> tuple[str, ...]:
+    """Code cell sources of the student version of the lab's notebook (read once per file)."""
+    path = Path(rubric.notebook)
+    return _student_cells_of(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _student_cells_of(path: str, _mtime_ns: int) -> tuple[str, ...]:
     import nbformat
 
     from labkit.assign import student_notebook
 
-    nb = student_notebook(nbformat.read(rubric.notebook, as_version=4))
-    return [c.source for c in nb.cells if c.cell_type == "code"]
+    nb = student_notebook(nbformat.read(path, as_version=4))
+    return tuple(c.source for c in nb.cells if c.cell_type == "code")
 
 
 def record_cells(rubric: Rubric) -> list[str]:
@@ -289,7 +297,7 @@ def prepare_submission(nb, rubric: Rubric, nonce: str, trusted: set[str]):
             pattern = re.compile(rf"""record\(\s*['"]{re.escape(check.record)}['"]""")
             inserts += [(i + 1, _grader_cell(nonce, check, "recompute"))
                         for i, c in enumerate(nb.cells) if c.cell_type == "code"
-                        and _norm(c.source) in trusted and pattern.search(c.source)]
+                        and pattern.search(c.source) and _norm(c.source) in trusted]
     # From the end, so earlier positions stay valid; checks at one position keep rubric order.
     for _, pos, cell in sorted(((i, p, c) for i, (p, c) in enumerate(inserts)),
                                key=lambda x: (x[1], x[0]), reverse=True):
@@ -482,7 +490,7 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
     subs = sorted(Path(submission_dir).glob("*.ipynb"))
     if not subs:
         raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
-    from labkit.runner import prepare_kernel, state_dir
+    from labkit.runner import prepare_kernel, remove_kernel
 
     trusted, given = trusted_sources(rub), given_sources(rub)
     out_csv = Path(out_csv)
@@ -499,7 +507,7 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
                     row["feedback"], f"killed {left} process(es) it left running"]))
             rows.append(row)
     finally:
-        shutil.rmtree(state_dir() / "jupyter" / "path" / "kernels" / kernel, ignore_errors=True)
+        remove_kernel(kernel)
     columns = ["submission", "status", "total", "max", *[c.name for c in rub.checks],
                "reason", "feedback"]
     df = pd.DataFrame(rows, columns=columns)

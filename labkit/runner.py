@@ -24,6 +24,7 @@ import os
 import platform
 import queue
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -57,6 +58,16 @@ def state_dir() -> Path:
     return tmp
 
 
+def _kernel_specs() -> Path:
+    """The folder ``prepare_kernel`` puts on JUPYTER_PATH; its specs are in ``kernels/``."""
+    return state_dir() / "jupyter" / "path"
+
+
+def remove_kernel(name: str) -> None:
+    """Delete a kernel spec ``prepare_kernel`` wrote (e.g. one made for a single grading run)."""
+    shutil.rmtree(_kernel_specs() / "kernels" / name, ignore_errors=True)
+
+
 def prepare_kernel(env: Mapping[str, str] | None = None) -> str:
     """Point Jupyter state at writable dirs and register a kernel for ``sys.executable``.
 
@@ -76,7 +87,7 @@ def prepare_kernel(env: Mapping[str, str] | None = None) -> str:
     extra = dict(env or {})
     tag = sys.executable + (json.dumps(extra, sort_keys=True) if extra else "")
     name = "labkit-py-" + hashlib.sha256(tag.encode()).hexdigest()[:8]
-    spec_root = base / "jupyter" / "path"
+    spec_root = _kernel_specs()
     spec_dir = spec_root / "kernels" / name
     spec = {
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -363,10 +374,9 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
                "ok": result.ok, "profile": params["PROFILE"], "params": params,
                "gpus": gpu_list or None, **facts,
                "labs": [asdict(lab) for lab in labs]}
-    from labkit.bench import strict_json
+    from labkit.bench import json_text
 
-    result.summary.write_text(json.dumps(strict_json(summary), indent=2, default=str,
-                                         allow_nan=False))
+    result.summary.write_text(json_text(summary, default=str))
     result.report.write_text(render_report(summary, labs))
     return result
 

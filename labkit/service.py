@@ -153,14 +153,16 @@ class InferenceService:
             raise BatcherClosed("the service is shut down; no new requests are accepted")
         self.counts["requests"] += 1
         try:
-            hit = await self._lookup(request, t0, use_cache)
+            cached = use_cache and self._cacheable(request)
+            hit = await self._lookup(request, t0) if cached else None
             if hit is not None:
                 if on_delta is not None and hit.text:
                     on_delta(hit.text, hit.completion.end_s)
                 return self._done(hit)
-            if use_cache and self._cacheable(request):
+            if cached:
                 completion = await self._shared(request, on_delta)
             else:
+                self.counts["not_cached"] += 1
                 completion = await self._generate(request, on_delta)
             end = now()
             # A request that joined an identical generation already under way gets the tokens
@@ -233,11 +235,8 @@ class InferenceService:
         rule = getattr(self.cache, "cacheable", None)
         return rule(request) if rule is not None else request.greedy
 
-    async def _lookup(self, request: Request, t0: float,
-                      use_cache: bool = True) -> ServiceResponse | None:
-        if not (use_cache and self._cacheable(request)):
-            self.counts["not_cached"] += 1
-            return None
+    async def _lookup(self, request: Request, t0: float) -> ServiceResponse | None:
+        """The cached answer of a cacheable request as a response, or None (a miss)."""
         value = await self.cache.get(request)
         if value is None:
             self.counts["cache_misses"] += 1
