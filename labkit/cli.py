@@ -73,17 +73,18 @@ def _engine_kwargs(args) -> dict:
 
 
 def _cmd_bench(args) -> int:
-    from labkit.bench import int_list, json_text, write_json
+    from labkit.cli import int_list
+    from labkit.metrics import json_text, write_json
 
     kind, json_path = args.kind, args.json
     if kind == "latency":
-        from labkit.bench import run_latency_bench
+        from labkit.bench.latency import run_latency_bench
 
         doc = run_latency_bench(args.engine, args.model, num_requests=args.num_requests or 4,
                                 prompt_lens=int_list(args.prompt_lens),
                                 out_lens=int_list(args.out_lens), **_engine_kwargs(args))
     elif kind == "batching":
-        from labkit.batching_bench import run_batching_bench
+        from labkit.bench.batching import run_batching_bench
 
         extra = {"batch_sizes": int_list(args.batch_sizes)} if args.batch_sizes else {}
         if args.concurrencies:
@@ -94,12 +95,12 @@ def _cmd_bench(args) -> int:
             extra["continuous_engine"] = args.continuous_engine
         doc = run_batching_bench(engine=args.engine, model=args.model, **extra)
     elif kind == "cache":
-        from labkit.cache_bench import run_cache_bench
+        from labkit.bench.caching import run_cache_bench
 
         doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
                               repeat_fraction=args.repeat_fraction)
     elif kind == "quant":
-        from labkit.quant_bench import run_decode_speed_bench, run_quant_bench
+        from labkit.bench.quant import run_decode_speed_bench, run_quant_bench
 
         methods = args.methods.split(",") if args.methods else None
         if args.decode_speed:
@@ -107,7 +108,7 @@ def _cmd_bench(args) -> int:
         else:
             doc = run_quant_bench(args.model, methods=methods)
     else:  # serve
-        from labkit.serve_bench import run_serve_bench
+        from labkit.bench.serve import run_serve_bench
 
         if not args.url:
             raise ValueError("labkit bench serve needs --url (e.g. http://127.0.0.1:8000)")
@@ -126,7 +127,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from labkit.runner import parse_params, run_labs
+    from labkit.course.runner import parse_params, run_labs
 
     result = run_labs(args.notebooks or None, profile=args.profile,
                       params=parse_params(args.param), out_dir=args.out,
@@ -139,7 +140,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_assign(args) -> int:
-    from labkit.assign import make_student_notebooks
+    from labkit.course.assign import make_student_notebooks
 
     for path in make_student_notebooks(args.src, args.out):
         print(path)
@@ -147,8 +148,8 @@ def _cmd_assign(args) -> int:
 
 
 def _cmd_grade(args) -> int:
-    from labkit.grading import grade
-    from labkit.runner import parse_params
+    from labkit.course.grading import grade
+    from labkit.course.runner import parse_params
 
     frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.timeout,
                   rubric=args.rubric, params=parse_params(args.param))
@@ -159,13 +160,13 @@ def _cmd_grade(args) -> int:
 
 def _cmd_serve(args) -> int:
     if args.ray:
-        from labkit.scale import serve_ray
+        from labkit.serving.deploy import serve_ray
 
         serve_ray(model=args.model, engine=args.engine, replicas=args.replicas, host=args.host,
                   port=args.port, max_batch_size=args.max_batch_size,
                   max_wait_ms=args.max_wait_ms)
         return 0
-    from labkit.http import serve
+    from labkit.serving.http import serve
 
     serve(engine=args.engine, model=args.model, host=args.host, port=args.port,
           cache=not args.no_cache, max_batch_size=args.max_batch_size,
@@ -325,3 +326,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def int_list(text: str) -> list[int]:
+    """argparse ``type=`` for ``"32,128,512"`` -> ``[32, 128, 512]`` (positive integers)."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 32,128; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers like 32,128; got {text!r}")
+    return values

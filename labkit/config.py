@@ -20,6 +20,8 @@ from pathlib import Path
 ENGINES = ("hf", "hf-cb", "vllm", "auto")
 PROFILES = ("ci", "full", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (or the installed tree)
+DATA_DIR = PROJECT_ROOT / "data"  # prompts, paraphrase pairs, evaluation text, rubrics
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MAX_TOKENS = 64
 SEED = 1234  # one seed for every workload and sampled request that does not set its own

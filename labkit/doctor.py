@@ -26,7 +26,7 @@ def _redis_facts() -> dict:
             facts["url"] = _redact(url)
             facts["reachable"] = bool(redis.Redis.from_url(url, socket_timeout=2).ping())
         else:
-            from labkit.redis_server import EmbeddedRedis, get_client
+            from labkit.serving.redis_server import EmbeddedRedis, get_client
 
             with EmbeddedRedis() as server:
                 client = get_client(server.url)

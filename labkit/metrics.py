@@ -22,8 +22,10 @@ Other tools differ more: some call TPOT "ITL" or include the first token; say wh
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -109,3 +111,46 @@ def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
         "runs": runs,
         **extra,
     }
+
+
+def records_frame(completions: Sequence):
+    """One row per request: ids, token counts, ttft_s, tpot_s, mean_itl_s, e2e_s (seconds)."""
+    import pandas as pd
+
+    rows = []
+    for c in completions:
+        itl = c.itl_s
+        rows.append({"request_id": c.request_id, "prompt_tokens": c.prompt_tokens,
+                     "output_tokens": c.output_tokens, "finish_reason": c.finish_reason,
+                     "ttft_s": c.ttft_s, "tpot_s": c.tpot_s,
+                     "mean_itl_s": sum(itl) / len(itl) if itl else None, "e2e_s": c.e2e_s,
+                     "start_s": c.start_s, "end_s": c.end_s})
+    return pd.DataFrame(rows)
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinite float replaced by None, recursively.
+
+    A statistic with no defined value (the TPOT of a one-chunk cache hit) becomes JSON ``null``:
+    Python would write ``NaN``, which is not JSON and which jq, browsers and most parsers reject.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def json_text(document, **dumps_kwargs) -> str:
+    """``document`` as indented, strict JSON (``strict_json``: undefined values as null)."""
+    return json.dumps(strict_json(document), indent=2, allow_nan=False, **dumps_kwargs)
+
+
+def write_json(document: dict, path: str | Path) -> Path:
+    """Write a bench document as ``json_text`` (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json_text(document) + "\n")
+    return path

@@ -20,7 +20,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-EVAL_TEXT = Path(__file__).resolve().parent.parent / "data" / "eval_text.txt"
+from labkit.config import DATA_DIR
+
+EVAL_TEXT = DATA_DIR / "eval_text.txt"
 DEFAULT_WINDOW = 512
 DEFAULT_STRIDE = 256
 AGREEMENT_PROMPTS = (

@@ -16,7 +16,7 @@ quantized linear layers hold (codes + scales + zero points), ``fp16_weight_bytes
 layers in fp16. The layers are the decoder's ``nn.Linear`` layers; ``lm_head`` is skipped by default
 (in SmolLM2 it is tied to the input embedding, and keeping it in full precision is usual).
 
-Library paths live in ``METHODS`` (name -> ``Method``); ``labkit.quant_bench.run_quant_bench``
+Library paths live in ``METHODS`` (name -> ``Method``); ``labkit.bench.quant.run_quant_bench``
 measures each one (bytes, perplexity, decode tokens/s, agreement) as the ``quant`` bench JSON.
 """
 

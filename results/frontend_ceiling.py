@@ -20,9 +20,9 @@ import time
 import uvicorn
 
 from labkit.engines.base import Completion, Engine, encode_request, now
-from labkit.http import create_app
 from labkit.models import load_tokenizer, resolve
-from labkit.service import InferenceService
+from labkit.serving.http import create_app
+from labkit.serving.service import InferenceService
 
 MODEL = "smollm2-135m"
 

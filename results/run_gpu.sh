@@ -40,7 +40,7 @@ cache)    # (c) Redis hit vs miss; (e) vLLM prefix caching TTFT with a long shar
   for on in off on; do  # one process each: a fresh GPU for each engine
     timeout 300 python3 - "$on" "$out/prefix_caching_${on}_synthetic-1b.json" <<'PY'
 import json, statistics, sys
-from labkit.cache_bench import prefix_sharing_ttft
+from labkit.bench.caching import prefix_sharing_ttft
 from labkit.device import device_name
 from labkit.engines import get_engine
 on = sys.argv[1] == "on"

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from fixtures.fixture_lab import HIDDEN, SOLUTION_BODY, write_fixture_lab
 
-from labkit.assign import (
+from labkit.course.assign import (
     BEGIN_HIDDEN,
     BEGIN_SOLUTION,
     make_student_notebooks,
@@ -14,7 +14,7 @@ from labkit.assign import (
     stub_solutions,
     student_notebook,
 )
-from labkit.runner import PROJECT_ROOT
+from labkit.course.runner import PROJECT_ROOT
 
 
 def _all_text(nb) -> str:

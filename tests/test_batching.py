@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from labkit.batching import BatcherClosed, DynamicBatcher, Overloaded
 from labkit.engines import Request
 from labkit.engines.base import Completion, Engine, encode_request, now
 from labkit.equivalence import assert_same_or_near_tie
+from labkit.serving.batchers import BatcherClosed, DynamicBatcher, Overloaded
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
           "volcanoes", "libraries", "owls", "glass", "tea", "maps", "clouds", "copper", "ants",

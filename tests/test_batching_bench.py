@@ -8,13 +8,8 @@ import math
 import pytest
 import torch
 
-from labkit.batching_bench import (
-    padding_fraction,
-    run_batching_bench,
-    static_run,
-    static_sweep,
-)
-from labkit.bench import make_workload
+from labkit.bench.batching import padding_fraction, run_batching_bench, static_run, static_sweep
+from labkit.bench.workloads import make_workload
 from labkit.engines.base import Completion, Engine, now
 from labkit.metrics import STATS_KEYS
 

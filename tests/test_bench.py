@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 
-from labkit import bench
+from labkit import cli, metrics
+from labkit.bench import latency, loadgen, workloads
 from labkit.engines.base import Completion, Request, now
 from labkit.metrics import STATS_KEYS
 
@@ -47,7 +48,7 @@ def requests(n: int, max_tokens: int = 3) -> list[Request]:
 def test_closed_loop_sends_every_request_at_the_requested_concurrency():
     server = FakeServer()
     reqs = requests(24)
-    result = asyncio.run(bench.closed_loop(server.send, reqs, concurrency=4))
+    result = asyncio.run(loadgen.closed_loop(server.send, reqs, concurrency=4))
     assert server.calls == 24
     assert [c.request_id for c in result.completions] == [r.request_id for r in reqs]
     assert server.max_in_flight == result.max_in_flight == 4
@@ -57,20 +58,20 @@ def test_closed_loop_sends_every_request_at_the_requested_concurrency():
 
 def test_closed_loop_with_more_clients_than_requests_sends_each_once():
     server = FakeServer()
-    result = asyncio.run(bench.closed_loop(server.send, requests(3), concurrency=10))
+    result = asyncio.run(loadgen.closed_loop(server.send, requests(3), concurrency=10))
     assert server.calls == 3 and result.max_in_flight == 3
 
 
 def test_open_loop_arrivals_follow_the_requested_rate():
     rate, n = 400.0, 300
-    arrivals = bench.poisson_arrivals(n, rate, seed=7)
-    assert arrivals == bench.poisson_arrivals(n, rate, seed=7)  # seeded: reproducible
+    arrivals = loadgen.poisson_arrivals(n, rate, seed=7)
+    assert arrivals == loadgen.poisson_arrivals(n, rate, seed=7)  # seeded: reproducible
     assert arrivals[0] == 0.0 and arrivals == sorted(arrivals)
     assert statistics.fmean(b - a for a, b in zip(arrivals, arrivals[1:])) == \
         pytest.approx(1 / rate, rel=0.15)
 
     server = FakeServer(ttft=0.005, gap=0.001)
-    result = asyncio.run(bench.open_loop(server.send, requests(n), rate=rate, seed=7))
+    result = asyncio.run(loadgen.open_loop(server.send, requests(n), rate=rate, seed=7))
     assert server.calls == len(result.completions) == n
     sent = result.send_times_s
     assert statistics.fmean(b - a for a, b in zip(sent, sent[1:])) == \
@@ -81,23 +82,23 @@ def test_open_loop_arrivals_follow_the_requested_rate():
 def test_open_loop_does_not_wait_for_replies():
     # replies take 0.2 s but requests arrive every ~10 ms: many must be in flight together
     server = FakeServer(ttft=0.2, gap=0.0)
-    result = asyncio.run(bench.open_loop(server.send, requests(20, max_tokens=1), rate=100.0))
+    result = asyncio.run(loadgen.open_loop(server.send, requests(20, max_tokens=1), rate=100.0))
     assert result.max_in_flight >= 10
 
 
 def test_ttft_never_exceeds_e2e_and_queueing_counts_from_send_time():
     server = FakeServer()
-    result = asyncio.run(bench.closed_loop(server.send, requests(8), concurrency=2))
+    result = asyncio.run(loadgen.closed_loop(server.send, requests(8), concurrency=2))
     for c in result.completions:
         assert 0 < c.ttft_s <= c.e2e_s
-    frame = bench.records_frame(result.completions)
+    frame = metrics.records_frame(result.completions)
     assert (frame["ttft_s"] <= frame["e2e_s"]).all()
     assert list(frame["output_tokens"]) == [3] * 8
 
 
 def test_summary_throughput_equals_tokens_over_wall_time():
     server = FakeServer()
-    result = asyncio.run(bench.closed_loop(server.send, requests(10, max_tokens=5), 5))
+    result = asyncio.run(loadgen.closed_loop(server.send, requests(10, max_tokens=5), 5))
     run = result.summary("closed", slo={"ttft_s": 1.0})
     assert run["output_tokens_per_s"] == pytest.approx(50 / result.duration_s)
     assert run["requests_per_s"] == pytest.approx(10 / result.duration_s)
@@ -106,15 +107,15 @@ def test_summary_throughput_equals_tokens_over_wall_time():
 
 def test_run_sync_works_inside_a_running_event_loop():
     async def inside():
-        return bench.run_sync(asyncio.sleep(0, result="ok"))
+        return loadgen.run_sync(asyncio.sleep(0, result="ok"))
     assert asyncio.run(inside()) == "ok"
 
 
 @pytest.mark.parametrize("dist", ["fixed", "uniform", "lognormal"])
 def test_workload_is_seeded_and_lengths_stay_in_range(dist):
-    a = bench.make_workload(40, seed=3, min_output_tokens=4, max_output_tokens=64,
+    a = workloads.make_workload(40, seed=3, min_output_tokens=4, max_output_tokens=64,
                             output_len_dist=dist)
-    b = bench.make_workload(40, seed=3, min_output_tokens=4, max_output_tokens=64,
+    b = workloads.make_workload(40, seed=3, min_output_tokens=4, max_output_tokens=64,
                             output_len_dist=dist)
     assert [(r.messages, r.max_tokens) for r in a] == [(r.messages, r.max_tokens) for r in b]
     assert all(4 <= r.max_tokens <= 64 and r.ignore_eos for r in a)
@@ -123,20 +124,20 @@ def test_workload_is_seeded_and_lengths_stay_in_range(dist):
 
 
 def test_lognormal_lengths_vary_widely():
-    lens = bench.output_lengths(500, 8, 512, "lognormal")
+    lens = workloads.output_lengths(500, 8, 512, "lognormal")
     assert max(lens) >= 8 * min(lens)
     assert statistics.median(lens) < statistics.fmean(lens)  # right-skewed: a long tail
 
 
 def test_bad_workload_arguments_name_the_allowed_values():
     with pytest.raises(ValueError, match="choose one of: fixed, uniform, lognormal"):
-        bench.make_workload(4, output_len_dist="normal")
+        workloads.make_workload(4, output_len_dist="normal")
     with pytest.raises(ValueError, match="32,128"):
-        bench.int_list("32,abc")
+        cli.int_list("32,abc")
 
 
 def test_prompts_file_has_varied_lengths_and_categories():
-    rows = bench.load_prompts()
+    rows = workloads.load_prompts()
     assert len(rows) >= 50
     assert all(set(r) == {"prompt", "category"} for r in rows)
     lengths = sorted(len(r["prompt"]) for r in rows)
@@ -146,7 +147,7 @@ def test_prompts_file_has_varied_lengths_and_categories():
 @pytest.mark.slow
 def test_latency_bench_on_cpu_writes_the_contract(hf_engine, tmp_path):
     path = tmp_path / "latency.json"
-    doc = bench.run_latency_bench(hf_engine, num_requests=2, prompt_lens=(8, 24), out_lens=(4,),
+    doc = latency.run_latency_bench(hf_engine, num_requests=2, prompt_lens=(8, 24), out_lens=(4,),
                                   json_path=path, progress=False)
     assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
     assert doc["bench"] == "latency" and doc["device"] == "cpu" and doc["engine"] == "hf"
@@ -168,9 +169,9 @@ def test_latency_bench_on_cpu_writes_the_contract(hf_engine, tmp_path):
 def test_engine_sender_queueing_shows_in_ttft(hf_engine):
     # two clients, one engine thread: the second request waits for the first, and its TTFT
     # (measured from when it was sent) includes that wait
-    send = bench.engine_sender(hf_engine)
+    send = loadgen.engine_sender(hf_engine)
     reqs = [Request(prompt="Count to ten.", max_tokens=3, ignore_eos=True) for _ in range(2)]
-    result = asyncio.run(bench.closed_loop(send, reqs, concurrency=2))
+    result = asyncio.run(loadgen.closed_loop(send, reqs, concurrency=2))
     first, second = sorted(result.completions, key=lambda c: c.end_s)
     assert result.max_in_flight == 2
     assert [c.output_tokens for c in (first, second)] == [3, 3]
@@ -180,7 +181,7 @@ def test_engine_sender_queueing_shows_in_ttft(hf_engine):
 def test_bench_json_is_strict_with_undefined_stats_as_null(tmp_path):
     doc = {"bench": "cache", "runs": [{"name": "hit", "tpot_s": {"mean": math.nan, "p50": 0.5},
                                        "ratio": [math.inf, 1.0], "n": 3}]}
-    text = bench.write_json(doc, tmp_path / "sub" / "b.json").read_text()
+    text = metrics.write_json(doc, tmp_path / "sub" / "b.json").read_text()
 
     def no_constants(name):
         raise ValueError(f"not JSON: {name}")
@@ -192,8 +193,8 @@ def test_bench_json_is_strict_with_undefined_stats_as_null(tmp_path):
 
 
 def test_workloads_past_the_prompt_pool_stay_distinct():
-    pool = [r["prompt"] for r in bench.load_prompts()]
-    reqs = bench.make_workload(2 * len(pool) + 5, min_output_tokens=4, max_output_tokens=4,
+    pool = [r["prompt"] for r in workloads.load_prompts()]
+    reqs = workloads.make_workload(2 * len(pool) + 5, min_output_tokens=4, max_output_tokens=4,
                                chat=False)
     prompts = [r.prompt for r in reqs]
     assert len(set(prompts)) == len(prompts)

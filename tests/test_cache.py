@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from labkit import redis_server
-from labkit.cache import AsyncResponseCache, LRUBackend, ResponseCache, cache_key
-from labkit.cache_bench import (
+from labkit.bench.caching import (
     prefix_sharing_ttft,
     run_cache_bench,
     simulate_hit_ratio,
     zipf_workload,
 )
 from labkit.engines.base import Completion, Engine, Request
-from labkit.redis_server import EmbeddedRedis, get_client
+from labkit.serving import redis_server
+from labkit.serving.cache import AsyncResponseCache, LRUBackend, ResponseCache, cache_key
+from labkit.serving.redis_server import EmbeddedRedis, get_client
 
 pytest.importorskip("redis")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def q(prompt="What is the capital of France?", **kw) -> Request:
 # -- keys --------------------------------------------------------------------------------------
 KEY_SCRIPT = """
 from labkit.engines.base import Request
-from labkit.cache import cache_key
+from labkit.serving.cache import cache_key
 prompt = "What is the capital of France?"
 print(cache_key("smollm2-135m", Request(prompt=prompt, max_tokens=16)))
 print(hash(prompt))

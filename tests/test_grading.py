@@ -21,16 +21,17 @@ import pytest
 from fixtures.fixture_lab import RECORD_CELL, write_fixture_lab
 from nbformat.v4 import new_code_cell
 
-from labkit.assign import make_student_notebooks
-from labkit.grading import RECORD_MIME, RUBRIC_DIR, load_rubric, record_cells
+from labkit.course.assign import make_student_notebooks
+from labkit.course.grading import RUBRIC_DIR, load_rubric, record_cells
+from labkit.course.records import RECORD_MIME
 
-FORGERY = '''import labkit.grading
-labkit.grading.record("add_n_4", 7)         # a record from a cell that is not a check cell'''
-TAMPERING = '''import labkit.grading
+FORGERY = '''import labkit
+labkit.record("add_n_4", 7)         # a record from a cell that is not a check cell'''
+TAMPERING = '''import labkit
 exec = lambda *a, **k: None                          # the grader's hidden tests "pass"
 eval = lambda *a, **k: 7                             # and its recomputation agrees
-_real = labkit.grading.record                        # make the real record cell lie
-labkit.grading.record = lambda name, value: _real(name, 7 if name == "add_n_4" else value)'''
+_real = labkit.record                        # make the real record cell lie
+labkit.record = lambda name, value: _real(name, 7 if name == "add_n_4" else value)'''
 
 
 def _cell_index(nb, text: str) -> int:
@@ -80,7 +81,7 @@ def graded(tmp_path_factory) -> pd.DataFrame:
         "def add(a, b):\n    while a < 0:\n        pass\n    return a + b")
     nbformat.write(nb, subs / "slow_hidden.ipynb")
 
-    from labkit import grading
+    from labkit.course import grading
 
     csv = tmp / "grades.csv"
     with pytest.MonkeyPatch.context() as mp:
@@ -122,7 +123,7 @@ def test_forged_records_earn_nothing(graded):
 def test_code_that_reaches_for_the_grader_is_flagged_and_not_run(graded):
     row = graded.loc["tampered.ipynb"]
     assert (row.status, row.total) == ("flagged", 0)
-    for finding in ("rebinds 'exec'", "rebinds 'eval'", "assigns to 'labkit.grading.record'"):
+    for finding in ("rebinds 'exec'", "rebinds 'eval'", "assigns to 'labkit.record'"):
         assert finding in row.reason
     assert row.feedback == ""
 
@@ -199,7 +200,7 @@ def test_repository_rubric_refers_to_real_record_cells(path: Path):
 
 @pytest.mark.parametrize("path", RUBRICS, ids=[p.name for p in RUBRICS])
 def test_repository_hidden_checks_pass_the_solution_and_fail_the_stub(path: Path):
-    from labkit.assign import stub_solutions
+    from labkit.course.assign import stub_solutions
 
     rubric = load_rubric(path)
     nb = nbformat.read(rubric.notebook, as_version=4)

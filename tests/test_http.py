@@ -11,10 +11,10 @@ import openai
 import pytest
 from fakes import stream_words
 
-from labkit.cache import AsyncResponseCache
 from labkit.engines.base import Completion, Engine, now
-from labkit.http import BackgroundServer
-from labkit.service import InferenceService
+from labkit.serving.cache import AsyncResponseCache
+from labkit.serving.http import BackgroundServer
+from labkit.serving.service import InferenceService
 
 MODEL = "smollm2-135m"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -160,8 +160,8 @@ def test_client_that_hangs_up_mid_stream_does_not_break_others():
 
 
 def test_serve_bench_times_every_streamed_token(tmp_path):
+    from labkit.bench.serve import run_serve_bench
     from labkit.engines import Request
-    from labkit.serve_bench import run_serve_bench
     from labkit.widgets import LoadTestView
 
     engine = GatedWords(step_s=0.01)
@@ -189,7 +189,7 @@ def test_load_sender_keeps_each_client_pool_small(monkeypatch):
     hundreds of connections made the load generator the bottleneck (see load_sender)."""
     from collections import Counter
 
-    from labkit import serve_bench
+    from labkit.bench import client
     from labkit.engines import Request
 
     open_now, peak = Counter(), Counter()
@@ -203,10 +203,10 @@ def test_load_sender_keeps_each_client_pool_small(monkeypatch):
             return request.request_id
         return send
 
-    monkeypatch.setattr(serve_bench, "openai_sender", counting_sender)
+    monkeypatch.setattr(client, "openai_sender", counting_sender)
 
     async def main():
-        async with serve_bench.load_sender("http://127.0.0.1:9", MODEL, in_flight=256) as send:
+        async with client.load_sender("http://127.0.0.1:9", MODEL, in_flight=256) as send:
             return await asyncio.gather(*(send(Request(prompt="x", max_tokens=1, request_id=str(i)))
                                           for i in range(256)))
 
@@ -219,8 +219,8 @@ def test_serve_bench_times_the_model_not_the_cache_unless_asked(server_cache, ex
     """A cache-on labkit server and a workload replayed per run: by default every request
     carries Cache-Control: no-cache and reaches the engine; ``server_cache=True`` lets the
     second and third passes (warm-up was the first) be answered from the cache."""
+    from labkit.bench.serve import run_serve_bench
     from labkit.engines import Request
-    from labkit.serve_bench import run_serve_bench
 
     engine = GatedWords(step_s=0.005)
     service = InferenceService(engine, AsyncResponseCache(MODEL, "lru"), model_name=MODEL,

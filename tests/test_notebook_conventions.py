@@ -14,9 +14,9 @@ import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-# labkit.grading.record(...), grading.record(...), or record(...) after importing it by name
-RECORD_CALL = re.compile(r"\bgrading\.record\(")
-RECORD_IMPORT = re.compile(r"from\s+labkit\.grading\s+import\s+[^\n]*\brecord\b")
+# labkit.record(...), or record(...) after importing it by name
+RECORD_CALL = re.compile(r"\blabkit\.record\(")
+RECORD_IMPORT = re.compile(r"from\s+labkit\s+import\s+[^\n]*\brecord\b")
 
 
 def _read(path: Path) -> nbformat.NotebookNode:
@@ -93,4 +93,4 @@ def test_records_a_result_for_grading(notebook):
     source = "\n".join(c.source for c in _code_cells(nb))
     imported = RECORD_IMPORT.search(source) and re.search(r"(?<![.\w])record\(", source)
     assert RECORD_CALL.search(source) or imported, \
-        f"{name}: no cell calls labkit.grading.record(name, value)"
+        f"{name}: no cell calls labkit.record(name, value)"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import quant, quant_bench
+from labkit import quant
+from labkit.bench import quant as quant_bench
 
 
 def _weight_with_outlier_row(seed: int = 0) -> torch.Tensor:

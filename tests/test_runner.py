@@ -11,7 +11,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from labkit.runner import parse_params, prepare_kernel, run_labs
+from labkit.course.kernels import prepare_kernel
+from labkit.course.runner import parse_params, run_labs
 
 
 def _lab(path: Path, *cells: str) -> Path:
@@ -27,7 +28,7 @@ def _lab(path: Path, *cells: str) -> Path:
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("labs")
     plot = _lab(tmp / "01_plot.ipynb",
-                "import labkit.grading\nlabkit.grading.record('tokens', MAX_TOKENS * 2)",
+                "import labkit\nlabkit.record('tokens', MAX_TOKENS * 2)",
                 "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
     check = _lab(tmp / "02_check.ipynb",
                  "x = 1",
@@ -86,12 +87,12 @@ def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, mon
 
 
 def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path, monkeypatch):
-    stamp = ("import os, time, labkit.grading\n"
-             "labkit.grading.record('visible', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
-             "labkit.grading.record('cwd', os.getcwd())\n"
-             "labkit.grading.record('t0', time.time())\n"
+    stamp = ("import os, time, labkit\n"
+             "labkit.record('visible', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+             "labkit.record('cwd', os.getcwd())\n"
+             "labkit.record('t0', time.time())\n"
              "time.sleep(4)\n"
-             "labkit.grading.record('t1', time.time())")
+             "labkit.record('t1', time.time())")
     a = _lab(tmp_path / "01_a.ipynb", stamp)
     b = _lab(tmp_path / "02_b.ipynb", stamp)
     both = _lab(tmp_path / "03_both.ipynb", stamp)

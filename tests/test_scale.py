@@ -2,7 +2,7 @@
 
 The story the module fixture runs once (Ray start ~20-30 s on 2 cores):
 1. reference answers: each of 20 prompts generated alone (batch of 1) by an hf engine here;
-2. ``labkit.scale.deploy``: 2 replicas on Ray Serve (CPU), one embedded Redis for both;
+2. ``labkit.serving.deploy.deploy``: 2 replicas on Ray Serve (CPU), one embedded Redis for both;
 3. round 1: 100 concurrent greedy chat requests (each prompt 5 times) through
    ``openai.AsyncOpenAI(base_url=...)``; round 2: the same 100 again;
 4. ``shutdown()``: Serve, Ray and Redis stop; the pids they had must all be gone.
@@ -35,7 +35,7 @@ def test_max_concurrent_queries_is_gone_from_ray_serve():
 
 
 def test_deploy_names_the_bad_batcher():
-    from labkit.scale import deploy
+    from labkit.serving.deploy import deploy
 
     with pytest.raises(ValueError, match="unknown batcher 'ray'; choose one of: labkit, serve"):
         deploy(batcher="ray")
@@ -46,7 +46,7 @@ def test_descendants_find_a_child_and_alive_forgets_it_when_it_exits():
     import subprocess
     import sys
 
-    from labkit.scale import alive, descendants, wait_gone
+    from labkit.processes import alive, descendants, wait_gone
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -58,7 +58,7 @@ def test_descendants_find_a_child_and_alive_forgets_it_when_it_exits():
 
 
 def _prompts() -> list[str]:
-    from labkit.bench import load_prompts
+    from labkit.bench.workloads import load_prompts
 
     return [row["prompt"] for row in load_prompts()][:N_PROMPTS]
 
@@ -86,7 +86,7 @@ async def _round(base_url: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def scenario(hf_engine):
     from labkit.engines.base import Request, encode_request
-    from labkit.scale import deploy
+    from labkit.serving.deploy import deploy
 
     refs = {}
     for prompt in _prompts():  # one at a time: the unbatched reference
@@ -100,7 +100,7 @@ def scenario(hf_engine):
         after_first = dep.replica_metrics()
         second = asyncio.run(_round(dep.base_url))
         after_second = dep.replica_metrics()
-        from labkit.redis_server import get_client
+        from labkit.serving.redis_server import get_client
 
         client = get_client(dep.redis_url)
         cache_keys = list(client.scan_iter(match="labkit:*"))
@@ -147,7 +147,7 @@ def test_second_round_is_served_from_the_shared_cache_by_both_replicas(scenario)
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_shutdown_leaves_no_ray_or_redis_process(scenario):
-    from labkit.scale import alive
+    from labkit.processes import alive
 
     assert len(scenario["tracked"]) >= 4  # gcs_server, raylet, 2 replicas, redis-server, ...
     assert scenario["left"] == []

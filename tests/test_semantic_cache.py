@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from labkit import redis_server
-from labkit.redis_server import EmbeddedRedis
-from labkit.semantic import (
+from labkit.serving import redis_server
+from labkit.serving.redis_server import EmbeddedRedis
+from labkit.serving.semantic import (
     MiniLMEmbedder,
     SemanticCache,
     load_paraphrase_pairs,

@@ -9,11 +9,12 @@ import threading
 import pytest
 from fakes import stream_words
 
-from labkit.cache import AsyncResponseCache
 from labkit.engines import Request
 from labkit.engines.base import Completion, Engine, encode_request, now, truncate_at_stop
 from labkit.equivalence import assert_same_or_near_tie
-from labkit.service import BatcherClosed, InferenceService, Overloaded
+from labkit.serving.batchers import BatcherClosed, Overloaded
+from labkit.serving.cache import AsyncResponseCache
+from labkit.serving.service import InferenceService
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
           "volcanoes", "libraries", "owls", "glass", "tea", "maps", "clouds", "copper", "ants",

@@ -8,16 +8,16 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.grading import RUBRIC_DIR, given_sources, load_rubric, tampering
-from labkit.tamper import scan
+from labkit.course.grading import RUBRIC_DIR, given_sources, load_rubric, tampering
+from labkit.course.tamper import scan
 
 
 @pytest.mark.parametrize("source, finding", [
     ("exec = lambda *a, **k: None", "line 1: rebinds 'exec'"),
     ("def eval(x):\n    return 7", "line 1: defines 'eval'"),
     ("from os import system as compile", "line 1: rebinds 'compile' by import"),
-    ("import labkit.grading\nlabkit.grading.record = print",
-     "line 2: assigns to 'labkit.grading.record'"),
+    ("import labkit\nlabkit.record = print",
+     "line 2: assigns to 'labkit.record'"),
     ("ip = get_ipython()\nip.display_pub.publish = print", "line 1: calls get_ipython()"),
     ("import json\njson.dumps = str", "line 2: assigns to 'json.dumps'"),
     ("import builtins", "line 1: imports 'builtins'"),
@@ -25,7 +25,7 @@ from labkit.tamper import scan
     ("import subprocess\nsubprocess.Popen(['sleep', '9'], start_new_session=True)",
      "line 1: imports 'subprocess'"),
     ("import os\nos.system('sleep 9 &')", "line 2: calls os.system()"),
-    ("from labkit.cache import eval_in_fresh_process as run\nrun('import subprocess', '1')",
+    ("from labkit.serving.cache import eval_in_fresh_process as run\nrun('import subprocess', '1')",
      "line 2: has a string mentioning 'subprocess'"),
     ("open('/proc/1/cmdline').read()", "line 1: has a string mentioning '/proc/'"),
     ("!sleep 9 &", "line 1: runs a shell command"),

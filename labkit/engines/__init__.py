@@ -16,8 +16,10 @@ import importlib.util
 
 from labkit.config import ENGINES, choose
 from labkit.engines.base import Completion, Engine, Request
+from labkit.engines.counting import CountingEngine
 
-__all__ = ["Completion", "Engine", "Request", "get_engine", "resolve_engine", "vllm_available"]
+__all__ = ["Completion", "CountingEngine", "Engine", "Request", "as_engine", "engine_device",
+           "get_engine", "resolve_engine", "vllm_available"]
 
 
 def vllm_available() -> bool:
@@ -49,3 +51,22 @@ def get_engine(name: str = "auto", model: str = "smollm2-135m", **kwargs) -> Eng
     from labkit.engines.vllm import VLLMEngine
 
     return VLLMEngine(model, **kwargs)
+
+
+def as_engine(engine: str | Engine, model: str, **engine_kwargs) -> tuple[Engine, bool]:
+    """``(engine, owned)``: an Engine passed in as it is (``owned=False``: the caller keeps
+    it), or a new one built by name (``owned=True``: close it when done)."""
+    if isinstance(engine, Engine):
+        return engine, False
+    return get_engine(engine, model=model, **engine_kwargs), True
+
+
+def engine_device(engine: Engine) -> str | None:
+    """The device name an engine runs on (``labkit.device.device_name``), or None if unknown."""
+    from labkit.device import device_name
+
+    dev = getattr(engine, "device", None)
+    try:
+        return device_name(dev) if dev is not None else None
+    except (RuntimeError, TypeError, ValueError):
+        return None

@@ -1,5 +1,5 @@
 """Response caching: stable keys and an exact cache (Redis or in-process LRU); the workloads and
-the bench are in ``labkit.cache_bench``.
+the bench are in ``labkit.bench.caching``.
 
 Keys. ``cache_key`` is the sha256 of the canonical JSON (``sort_keys=True``, no spaces) of the
 model id, the prompt or messages, and every sampling parameter that changes the output. The same
@@ -135,7 +135,7 @@ class RedisBackend:
     """Strings in Redis: ``SET key json PX ttl``; ``clear`` SCANs and deletes one namespace."""
 
     def __init__(self, url: str | None = None, client=None) -> None:
-        from labkit.redis_server import get_client
+        from labkit.serving.redis_server import get_client
 
         self.client = client or get_client(url)
 
@@ -160,7 +160,7 @@ class AsyncRedisBackend(RedisBackend):
     """The same on ``redis.asyncio`` (every method is a coroutine)."""
 
     def __init__(self, url: str | None = None, client=None) -> None:
-        from labkit.redis_server import get_client
+        from labkit.serving.redis_server import get_client
 
         self.client = client or get_client(url, asyncio=True)
 

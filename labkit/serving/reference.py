@@ -2,7 +2,7 @@
 
 This is the reference design of the seed page (``shared/seed/000_...txt``, "Guided Exercise"),
 kept as close to the original as labkit allows so that the batching lab can *measure* what is
-wrong with it. Do not use it to serve anything: ``labkit.service`` is the fixed design.
+wrong with it. Do not use it to serve anything: ``labkit.serving.service`` is the fixed design.
 
 Mapping from the seed to labkit (the only changes):
 
@@ -214,96 +214,4 @@ class OptimizedInferenceService:
 
 # --- measuring the defects ---------------------------------------------------------------------
 
-class CountingEngine(Engine):
-    """Wraps an engine and counts, per prompt, how often it was generated and how many tokens
-    each generation produced (``generations``, ``output_tokens``)."""
 
-    def __init__(self, inner: Engine) -> None:
-        super().__init__(inner.model_name, inner.device, inner.dtype)
-        self.inner, self.name = inner, inner.name
-        self.generations: dict[str, int] = {}
-        self.output_tokens: dict[str, list[int]] = {}
-        self.batch_sizes: list[int] = []
-
-    def generate(self, requests, on_token=None):
-        out = self.inner.generate(requests, on_token)
-        self.batch_sizes.append(len(requests))
-        for req, completion in zip(requests, out):
-            self.generations[req.prompt] = self.generations.get(req.prompt, 0) + 1
-            self.output_tokens.setdefault(req.prompt, []).append(completion.output_tokens)
-        return out
-
-
-def measure_reference_defects(engine: Engine, n_requests: int = 8, batch_size: int = 4,
-                              max_tokens: int = 8, small_max_tokens: int = 2,
-                              tick_ms: float = 10.0, prompts: list[str] | None = None) -> dict:
-    """Drive the seed's service with ``n_requests`` concurrent callers and count its defects.
-
-    The service runs greedy (``temperature=0``) so each prompt has one right answer: the
-    unbatched output for that prompt alone (computed first). Caller 0 asks for
-    ``small_max_tokens`` tokens (its prompt is one whose answer is longer than that).
-    Returned (counts are requests unless named otherwise):
-
-    - ``wrong_answers``: callers whose text is not the right answer for their own prompt;
-      ``wrong_answer_indices`` says which.
-    - ``generations``: engine generations in all; ``duplicate_generations``: generations beyond
-      one per request; ``generations_per_request``: their ratio.
-    - ``max_loop_stall_ms``: the longest gap (ms) between two ticks of a ``tick_ms`` ticker task
-      that runs beside the callers (a free event loop keeps it near ``tick_ms``).
-    - ``max_tokens_requested`` / ``tokens_received``: what caller 0 asked for and got.
-    """
-    import asyncio
-
-    from labkit.bench import load_prompts, run_sync
-
-    if batch_size < 1 or n_requests < 1:
-        raise ValueError(f"need n_requests >= 1 and batch_size >= 1, got {n_requests!r}, "
-                         f"{batch_size!r}")
-    if prompts is None:
-        prompts = list(dict.fromkeys(r["prompt"] for r in load_prompts()))
-    prompts = list(dict.fromkeys(prompts))[:n_requests]
-    if len(prompts) < n_requests:
-        raise ValueError(f"need {n_requests} distinct prompts, have {len(prompts)}")
-    done = {p: engine.generate([Request(prompt=p, max_tokens=max_tokens)])[0] for p in prompts}
-    right = {p: c.text for p, c in done.items()}
-    # Caller 0 (the params probe) needs a prompt whose answer is longer than it asks for.
-    probe = next((p for p in prompts if done[p].output_tokens > small_max_tokens), None)
-    if probe is None:
-        raise ValueError(f"no prompt answers with more than small_max_tokens="
-                         f"{small_max_tokens} tokens; raise max_tokens={max_tokens}")
-    prompts = [probe] + [p for p in prompts if p != probe]
-    counting = CountingEngine(engine)
-    config = OptimizationConfig(batch_size=batch_size, max_tokens=max_tokens, temperature=0.0)
-    service = OptimizedInferenceService(counting, config)
-    requests = [GenerationRequest(prompt=p, max_tokens=small_max_tokens if i == 0 else max_tokens,
-                                  temperature=0.0) for i, p in enumerate(prompts)]
-
-    async def main():
-        ticks = [time.perf_counter()]
-
-        async def ticker():
-            while True:
-                await asyncio.sleep(tick_ms / 1000)
-                ticks.append(time.perf_counter())
-
-        task = asyncio.create_task(ticker())
-        await asyncio.sleep(0)  # the ticker is running before the first caller arrives
-        responses = await asyncio.gather(*(service(r) for r in requests))
-        await asyncio.sleep(2 * tick_ms / 1000)
-        task.cancel()
-        return responses, max(b - a for a, b in zip(ticks, ticks[1:]))
-
-    responses, max_gap_s = run_sync(main())
-    wrong = [i for i, (req, resp) in enumerate(zip(requests, responses))
-             if resp.text != right[req.prompt]]
-    generations = sum(counting.generations.values())
-    return {
-        "n_requests": n_requests, "batch_size": batch_size,
-        "wrong_answers": len(wrong), "wrong_answer_indices": wrong,
-        "generations": generations, "duplicate_generations": generations - n_requests,
-        "generations_per_request": generations / n_requests,
-        "engine_batch_sizes": counting.batch_sizes,
-        "tick_ms": tick_ms, "max_loop_stall_ms": max_gap_s * 1000,
-        "max_tokens_requested": small_max_tokens,
-        "tokens_received": counting.output_tokens[prompts[0]][0],
-    }

@@ -1,8 +1,8 @@
 """Find code in a submission that reaches for the grader instead of solving the exercise.
 
 The grader's hidden tests and recomputations run inside the student's kernel (see
-``labkit.grading``), so a student's code can in principle replace what they call: shadow ``exec``,
-patch IPython's display publisher, start a process that outlives the kernel and edits the grade
+``labkit.course.grading``), so a student's code can in principle replace what they call: shadow
+``exec``, patch IPython's display publisher, start a process that outlives the kernel and edits the grade
 file. ``scan(source)`` reads a cell's code (without running it) and names every such reach: it is
 a list of patterns, not a sandbox, and the rubric README says so. Cells the student did not
 change are not scanned; a flagged submission is not run and scores zero with the findings as

@@ -215,14 +215,15 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
     vLLM (``quantization="fp8"``, CUDA graphs). Synthetic models have random weights, so this
     bench measures speed and bytes only; quality comes from ``run_quant_bench`` on real weights.
     Each run has the contract's latency fields plus ``decode_tokens_per_s_b1``, ``weight_bytes``
-    and the roofline fields of ``labkit.bench.roofline_fields``.
+    and the roofline fields of ``labkit.bench.latency.roofline_fields``.
     """
     import gc
     from functools import partial
 
     from tqdm.auto import tqdm
 
-    from labkit.bench import prompt_of_length, roofline_fields
+    from labkit.bench.latency import roofline_fields
+    from labkit.bench.workloads import prompt_of_length
     from labkit.device import pick_device
     from labkit.engines import Request, get_engine
     from labkit.metrics import bench_document, summarize

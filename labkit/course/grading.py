@@ -24,34 +24,17 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RECORD_MIME = "application/vnd.labkit.record+json"
+from labkit.config import DATA_DIR
+from labkit.course.records import RECORD_MIME, cell_records
+
 GRADER_PREFIX = "__labkit_grader__:"  # records under this prefix count only from grader cells
-RUBRIC_DIR = Path(__file__).resolve().parents[1] / "data" / "rubrics"
+RUBRIC_DIR = DATA_DIR / "rubrics"
 KINDS = ("record", "hidden")
 OPS = ("equals", "close", "between", "true")
 CHECK_TIMEOUT_S = 60  # one hidden test or recomputation; over it, that check fails
 RESERVED = {"submission", "status", "total", "max", "reason", "feedback"}  # CSV columns
 _CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
                  "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
-
-
-def record(name: str, value) -> None:
-    """Store a JSON-serialisable ``value`` under ``name`` in the current cell's outputs."""
-    from IPython.display import display
-
-    payload = {"name": name, "value": json.loads(json.dumps(value))}
-    display({RECORD_MIME: payload, "text/plain": f"recorded {name} = {value!r}"}, raw=True)
-
-
-def _cell_records(cell) -> list[dict]:
-    return [out["data"][RECORD_MIME] for out in cell.get("outputs", [])
-            if RECORD_MIME in out.get("data", {})]
-
-
-def read_records(path: str | Path) -> dict:
-    """All records of an executed notebook as ``{name: value}`` (the last one of a name wins)."""
-    nb = json.loads(Path(path).read_text())
-    return {p["name"]: p["value"] for cell in nb.get("cells", []) for p in _cell_records(cell)}
 
 
 # --------------------------------------------------------------------------- rubrics
@@ -117,7 +100,7 @@ def _check(raw: dict, where: str, hidden_code: dict) -> Check:
     check = Check(**raw)
     if check.kind == "record":
         if not check.record:
-            raise bad("a record check needs 'record' (the name given to labkit.grading.record)")
+            raise bad("a record check needs 'record' (the name given to labkit.record)")
         if check.op not in OPS:
             raise bad(f"unknown op {check.op!r}; choose one of: {', '.join(OPS)}")
         if check.op in ("equals", "close") and check.expected is None:
@@ -140,7 +123,7 @@ def load_rubric(lab_or_path: int | str | Path) -> Rubric:
     """Read and validate a rubric (TOML or JSON); errors name the file, the check and the field."""
     import nbformat
 
-    from labkit.assign import hidden_blocks
+    from labkit.course.assign import hidden_blocks
 
     path = Path(lab_or_path) if str(lab_or_path).endswith((".toml", ".json")) \
         else rubric_path(lab_or_path)
@@ -184,7 +167,7 @@ def _norm(source: str) -> str:
     record cell keeps it trusted; text that does not parse is compared line by line."""
     import ast
 
-    from labkit.tamper import strip_magics
+    from labkit.course.tamper import strip_magics
 
     try:
         return ast.dump(ast.parse(strip_magics(source)))
@@ -202,7 +185,7 @@ def _student_cells(rubric: Rubric) -> tuple[str, ...]:
 def _student_cells_of(path: str, _mtime_ns: int) -> tuple[str, ...]:
     import nbformat
 
-    from labkit.assign import student_notebook
+    from labkit.course.assign import student_notebook
 
     nb = student_notebook(nbformat.read(path, as_version=4))
     return tuple(c.source for c in nb.cells if c.cell_type == "code")
@@ -224,9 +207,10 @@ def given_sources(rubric: Rubric) -> set[str]:
 
 
 def tampering(nb, given: set[str]) -> list[str]:
-    """``labkit.tamper.scan`` findings in the code cells the student wrote or changed (cells in
-    ``given``, the distributed notebook's, are the lab's own code), as ``cell N line M: ...``."""
-    from labkit.tamper import scan
+    """``labkit.course.tamper.scan`` findings in the code cells the student wrote or changed
+    (cells in ``given``, the distributed notebook's, are the lab's own code), as
+    ``cell N line M: ...``."""
+    from labkit.course.tamper import scan
 
     return [f"cell {i} {finding}" for i, c in enumerate(nb.cells)
             if c.cell_type == "code" and _norm(c.source) not in given
@@ -337,7 +321,7 @@ def score(nb, rubric: Rubric, nonce: str, trusted: set[str]) -> tuple[dict, list
     for cell in nb.cells:
         meta = cell.get("metadata", {}).get("labkit_grader") or {}
         mine = meta.get("nonce") == nonce
-        for payload in _cell_records(cell):
+        for payload in cell_records(cell):
             name = payload.get("name", "")
             if mine and name.startswith(f"{GRADER_PREFIX}{nonce}:"):
                 grader[name.removeprefix(f"{GRADER_PREFIX}{nonce}:")] = payload.get("value")
@@ -397,7 +381,7 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
     """
     import nbformat
 
-    from labkit.runner import execute
+    from labkit.course.runner import execute
 
     row = {"submission": path.name}
     nonce = secrets.token_hex(8)
@@ -468,7 +452,7 @@ def kill_marked(mark: str) -> int:
 
 
 def _has_records(nb) -> bool:
-    return nb is not None and any(_cell_records(c) for c in nb.cells)
+    return nb is not None and any(cell_records(c) for c in nb.cells)
 
 
 def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
@@ -490,7 +474,7 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
     subs = sorted(Path(submission_dir).glob("*.ipynb"))
     if not subs:
         raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
-    from labkit.runner import prepare_kernel, remove_kernel
+    from labkit.course.kernels import prepare_kernel, remove_kernel
 
     trusted, given = trusted_sources(rub), given_sources(rub)
     out_csv = Path(out_csv)

@@ -11,7 +11,7 @@ Endpoints (the subset of OpenAI's API that labs and load tools use):
 
 A request with the header ``Cache-Control: no-cache`` (or ``no-store``) skips the response
 cache: it runs on the engine, is not shared with identical requests in flight and is not
-stored. Load generators send it (``labkit.serve_bench``) so they measure the model, not Redis.
+stored. Load generators send it (``labkit.bench.client``) so they measure the model, not Redis.
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: a malformed body or
 a bad field is 400 and names the field and the allowed values; an unknown model is 404 and names
@@ -36,7 +36,8 @@ from pydantic import BaseModel, Field
 
 from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from labkit.engines.base import Request
-from labkit.service import BatcherClosed, InferenceService, Overloaded
+from labkit.serving.batchers import BatcherClosed, Overloaded
+from labkit.serving.service import InferenceService
 
 MAX_TOKENS_LIMIT = 4096
 ALLOWED = {  # what an error message says a field accepts
@@ -279,7 +280,7 @@ def build_service(engine="auto", model: str = DEFAULT_MODEL, cache: bool = True,
         eng.warmup()
     response_cache = None
     if cache:
-        from labkit.cache import AsyncResponseCache
+        from labkit.serving.cache import AsyncResponseCache
 
         response_cache = AsyncResponseCache(model, "redis", url=redis_url)
     return InferenceService(eng, response_cache, model_name=model, max_batch_size=max_batch_size,
@@ -320,7 +321,7 @@ class BackgroundServer:
                  log_level: str = "warning") -> None:
         import uvicorn
 
-        from labkit.redis_server import free_port
+        from labkit.serving.redis_server import free_port
 
         self.host, self.port = host, port or free_port()
         config = uvicorn.Config(create_app(service, model_name), host=host, port=self.port,

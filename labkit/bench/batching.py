@@ -6,8 +6,8 @@ definitions, bench JSON contract):
 - ``static``: offline, the requests cut into batches of ``batch_size`` and handed to the engine
   one batch after another. A batch is padded to its longest prompt and runs until its longest
   output is done. Latency is counted from the start of the request's own batch.
-- ``dynamic``: ``concurrency`` closed-loop clients send through ``labkit.batching.DynamicBatcher``
-  (batches formed on the fly from whatever is waiting, ``max_batch_size``, ``max_wait_ms``).
+- ``dynamic``: ``concurrency`` closed-loop clients send through
+  ``labkit.serving.batchers.DynamicBatcher`` (batches formed on the fly from whatever is waiting, ``max_batch_size``, ``max_wait_ms``).
 - ``continuous``: ``concurrency`` closed-loop clients send single requests to an engine that
   schedules per decode step (``hf-cb``, ``vllm``): a finished request leaves at once and a new
   one joins at the next step.
@@ -60,11 +60,11 @@ def prompt_lengths(engine: Engine, requests: Sequence[Request]) -> list[int]:
 
 def capped_workload(engine: Engine, n: int, max_prompt_tokens: int | None = None,
                     **workload_kwargs) -> list[Request]:
-    """``labkit.bench.make_workload`` (plain prompts) keeping only prompts of at most
+    """``labkit.bench.workloads.make_workload`` (plain prompts) keeping only prompts of at most
     ``max_prompt_tokens`` tokens (None: all). The bundled prompts run from 1 to ~330 tokens; on
     a CPU one long prompt makes a whole static batch pay its padded prefill, which hides the
     decode-side gain this lab measures, so the ci profile caps them."""
-    from labkit.bench import make_workload
+    from labkit.bench.workloads import make_workload
 
     pool = make_workload(4 * n if max_prompt_tokens else n, chat=False, **workload_kwargs)
     if max_prompt_tokens:
@@ -148,8 +148,8 @@ def dynamic_run(engine: Engine, requests: Sequence[Request], concurrency: int,
     Extra fields: ``max_batch_size``, ``max_wait_ms``, ``mean_batch_size`` (requests per engine
     call), ``workload``. TTFT and E2E count from when the client sent the request.
     """
-    from labkit.batching import DynamicBatcher
-    from labkit.bench import closed_loop, run_sync
+    from labkit.bench.loadgen import closed_loop, run_sync
+    from labkit.serving.batchers import DynamicBatcher
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=max_batch_size,
@@ -167,7 +167,7 @@ def continuous_run(engine: Engine, requests: Sequence[Request], concurrency: int
                    workload: str = "") -> dict:
     """``concurrency`` closed-loop clients, each handing single requests to a continuous-batching
     engine from its own thread (the engine merges them per step): one ``"continuous"`` run."""
-    from labkit.bench import closed_loop, run_sync
+    from labkit.bench.loadgen import closed_loop, run_sync
 
     if not engine.continuous:
         raise ValueError(f"engine {engine.name!r} does not batch continuously; use hf-cb or vllm")
@@ -220,8 +220,10 @@ def run_batching_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
     GPU where installed, else ``hf-cb``; pass ``"none"`` to skip it. Defaults come from
     ``default_sizes(profile)``.
     """
-    from labkit.bench import _device_of, _engine, write_json
     from labkit.config import resolve_profile
+    from labkit.engines import as_engine as _engine
+    from labkit.engines import engine_device as _device_of
+    from labkit.metrics import write_json
 
     sizes = default_sizes(resolve_profile(profile))
     batch_sizes = list(batch_sizes or sizes["batch_sizes"])

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from labkit.cache import CacheStats, canonical_json, namespace
+from labkit.config import DATA_DIR
+from labkit.serving.cache import CacheStats, canonical_json, namespace
 
-PAIRS_PATH = Path(__file__).resolve().parent.parent / "data" / "paraphrase_pairs.jsonl"
+PAIRS_PATH = DATA_DIR / "paraphrase_pairs.jsonl"
 
 
 def minilm_path() -> Path:
@@ -91,7 +92,7 @@ class SemanticCache:
                  ttl_s: float | None = None, ns: str | None = None) -> None:
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold!r}")
-        from labkit.redis_server import get_client
+        from labkit.serving.redis_server import get_client
 
         self.embedder = embedder or MiniLMEmbedder()
         self.threshold, self.ttl_s = threshold, ttl_s

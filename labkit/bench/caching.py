@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from labkit.cache import LRUBackend, ResponseCache, namespace
 from labkit.config import SEED
 from labkit.engines.base import Request
+from labkit.serving.cache import LRUBackend, ResponseCache, namespace
 
 # -- workloads -------------------------------------------------------------------------------
 _TEMPLATES = ("What is the capital of {}?", "Name a traditional dish from {}.",

@@ -6,7 +6,8 @@ Request path (DESIGN.md's data flow)::
             -> DynamicBatcher queue -> engine.generate(batch) in a worker thread
             -> this request's own future -> cache store (greedy only) -> response
 
-- Keys are ``labkit.cache`` sha256 keys: equal in every process (the reference used ``hash()``).
+- Keys are ``labkit.serving.cache`` sha256 keys: equal in every process (the reference used
+  ``hash()``).
 - Only greedy requests are stored (unless the cache was built with ``cache_sampled=True``):
   a cached sample would be replayed to everyone as if it were random.
 - The engine never runs on the event loop, so one long generation does not block other clients.
@@ -37,9 +38,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from labkit.batching import BatcherClosed, DynamicBatcher, Overloaded
 from labkit.engines.base import Completion, Engine, Request, now, truncate_at_stop
 from labkit.metrics import stats
+from labkit.serving.batchers import BatcherClosed, DynamicBatcher, Overloaded
 
 __all__ = ["BatcherClosed", "InferenceService", "Overloaded", "ServiceResponse", "StreamEvent"]
 
@@ -102,7 +103,7 @@ class InferenceService:
     """Cache, then batcher, then engine, then cache store (see module doc).
 
     ``cache``: an async cache with ``await get(request) -> dict | None`` and
-    ``await put(request, completion)`` (``labkit.cache.AsyncResponseCache``), or None.
+    ``await put(request, completion)`` (``labkit.serving.cache.AsyncResponseCache``), or None.
     ``max_batch_size``/``max_wait_ms``/``max_queue``: the ``DynamicBatcher`` knobs; for a
     continuous engine ``max_batch_size`` is the most requests in the engine at once.
     ``batching=False`` sends one request at a time (batch size 1), for the on/off comparison.
@@ -218,14 +219,14 @@ class InferenceService:
         key = getattr(self.cache, "key", None)
         if key is not None:
             return key(request)
-        from labkit.cache import cache_key
+        from labkit.serving.cache import cache_key
 
         return cache_key(self.model_name, request)
 
     __call__ = handle
 
     async def complete(self, request: Request) -> Completion:
-        """``handle`` returning just the Completion: a ``send`` for ``labkit.bench`` load
+        """``handle`` returning just the Completion: a ``send`` for ``labkit.bench.loadgen`` load
         generators (``closed_loop(service.complete, requests, concurrency)``)."""
         return (await self.handle(request)).completion
 
@@ -242,7 +243,7 @@ class InferenceService:
             self.counts["cache_misses"] += 1
             return None
         self.counts["cache_hits"] += 1
-        from labkit.cache import completion_from_value
+        from labkit.serving.cache import completion_from_value
 
         completion = completion_from_value(request.request_id, value, t0, now())
         return ServiceResponse(request.request_id, value["text"], completion,

@@ -17,25 +17,22 @@ alone, with every listed GPU. Timings of labs that ran side by side share the ho
 from __future__ import annotations
 
 import ast
-import hashlib
-import html
 import json
-import os
 import platform
 import queue
 import re
-import shutil
-import sys
-import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from labkit.config import PROJECT_ROOT
+from labkit.course.kernels import prepare_kernel
+from labkit.course.report import plots_of, render_report
+
 INJECTED_TAG = "injected-parameters"  # papermill's tag for the cell it adds
 ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag for the error banners it adds
 GRADER_KEY = "labkit_grader"  # cell metadata key of cells the grader injects
@@ -43,69 +40,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 # --------------------------------------------------------------------------- kernel and state dirs
-def state_dir() -> Path:
-    """Where Jupyter/IPython/matplotlib state goes: ``<project>/.cache`` if writable, else temp."""
-    root = PROJECT_ROOT / ".cache"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    tmp = Path(tempfile.gettempdir()) / f"labkit-state-{uid}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def _kernel_specs() -> Path:
-    """The folder ``prepare_kernel`` puts on JUPYTER_PATH; its specs are in ``kernels/``."""
-    return state_dir() / "jupyter" / "path"
-
-
-def remove_kernel(name: str) -> None:
-    """Delete a kernel spec ``prepare_kernel`` wrote (e.g. one made for a single grading run)."""
-    shutil.rmtree(_kernel_specs() / "kernels" / name, ignore_errors=True)
-
-
-def prepare_kernel(env: Mapping[str, str] | None = None) -> str:
-    """Point Jupyter state at writable dirs and register a kernel for ``sys.executable``.
-
-    Sets JUPYTER_CONFIG_DIR / JUPYTER_DATA_DIR / JUPYTER_RUNTIME_DIR / IPYTHONDIR / MPLCONFIGDIR
-    where unset, writes ``kernels/<name>/kernel.json`` under a dir prepended to JUPYTER_PATH, and
-    returns the kernel name to hand to papermill. ``env``: extra environment of that kernel
-    (e.g. ``{"CUDA_VISIBLE_DEVICES": "1"}``), one kernel name per distinct env. Idempotent and
-    cheap (no subprocess).
-    """
-    base = state_dir()
-    for var, sub in [("JUPYTER_CONFIG_DIR", "jupyter/config"), ("JUPYTER_DATA_DIR", "jupyter/data"),
-                     ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"), ("IPYTHONDIR", "ipython"),
-                     ("MPLCONFIGDIR", "matplotlib")]:
-        if not os.environ.get(var):
-            os.environ[var] = str(base / sub)
-        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
-    extra = dict(env or {})
-    tag = sys.executable + (json.dumps(extra, sort_keys=True) if extra else "")
-    name = "labkit-py-" + hashlib.sha256(tag.encode()).hexdigest()[:8]
-    spec_root = _kernel_specs()
-    spec_dir = spec_root / "kernels" / name
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"Python {platform.python_version()} (labkit)",
-        "language": "python",
-        # Plots must reach the notebook as image/png even when the caller set MPLBACKEND=Agg.
-        "env": {"MPLBACKEND": "module://matplotlib_inline.backend_inline", **extra},
-        "metadata": {"debugger": False},
-    }
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    target = spec_dir / "kernel.json"
-    text = json.dumps(spec, indent=1)
-    if not target.exists() or target.read_text() != text:
-        target.write_text(text)
-    paths = [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
-    if str(spec_root) not in paths:
-        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(spec_root), *paths])
-    return name
 
 
 # --------------------------------------------------------------------------- executing one notebook
@@ -288,16 +222,6 @@ def environment_facts() -> dict:
     return {"device": device, "platform": platform.platform(), "versions": versions}
 
 
-def _plots(path: Path) -> list[str]:
-    try:
-        nb = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    return ["".join(o["data"]["image/png"]).replace("\n", "")
-            for c in nb.get("cells", []) for o in c.get("outputs", [])
-            if "image/png" in o.get("data", {})]
-
-
 def parse_gpus(spec: str | Sequence[str] | None) -> list[str]:
     """``"0,1"`` or ``["0", "1"]`` -> ``["0", "1"]``; None or empty -> ``[]``. Each must be a
     CUDA device index (a non-negative integer), each at most once."""
@@ -326,7 +250,7 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     the other on whatever the process sees.
     """
     from labkit.config import PROFILES, choose
-    from labkit.grading import read_records
+    from labkit.course.records import read_records
 
     params = {"PROFILE": choose(profile, PROFILES, "profile"), **(params or {})}
     gpu_list = parse_gpus(gpus)
@@ -344,7 +268,7 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
                      cell_timeout_s=timeout_s, kernel_name=prepare_kernel(env))
         records = read_records(ex.output) if ex.output.exists() else {}
         return LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
-                         round(ex.duration_s, 3), records, len(_plots(ex.output)), ex.failure,
+                         round(ex.duration_s, 3), records, len(plots_of(ex.output)), ex.failure,
                          visible)
 
     if len(gpu_list) < 2:
@@ -374,45 +298,10 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
                "ok": result.ok, "profile": params["PROFILE"], "params": params,
                "gpus": gpu_list or None, **facts,
                "labs": [asdict(lab) for lab in labs]}
-    from labkit.bench import json_text
+    from labkit.metrics import json_text
 
     result.summary.write_text(json_text(summary, default=str))
     result.report.write_text(render_report(summary, labs))
     return result
 
 
-_CSS = """body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;
-text-align:left;vertical-align:top}.ok{color:#176f2c}.failed{color:#b00020}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1px solid #eee}"""
-
-
-def render_report(summary: dict, labs: list[LabResult]) -> str:
-    """Self-contained HTML: environment, then per lab status, time, records, plots, failure."""
-    e = html.escape
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>"
-                   for k, v in [("device", summary["device"]), ("profile", summary["profile"]),
-                                ("parameters", json.dumps(summary["params"])),
-                                *summary["versions"].items(), ("created", summary["created"])])
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>labkit run</title>"
-             f"<style>{_CSS}</style></head><body><h1>labkit run: "
-             f"<span class='{'ok' if summary['ok'] else 'failed'}'>"
-             f"{'all labs passed' if summary['ok'] else 'failed'}</span></h1><table>{rows}</table>"]
-    for lab in labs:
-        on = f", GPU {e(lab.gpus)}" if lab.gpus is not None else ""
-        parts.append(f"<h2>{e(Path(lab.notebook).name)}: <span class='{lab.status}'>{lab.status}"
-                     f"</span> ({lab.duration_s:.1f} s{on})</h2>")
-        if lab.records:
-            parts.append("<table><tr><th>record</th><th>value</th></tr>" + "".join(
-                f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>"
-                for k, v in lab.records.items()) + "</table>")
-        else:
-            parts.append("<p>no recorded results</p>")
-        if lab.failure is not None:
-            f = lab.failure
-            parts.append(f"<p class='failed'>failed at {e(f.describe())}</p>"
-                         f"<pre>{e(f.source)}</pre><pre>{e(f.traceback)}</pre>")
-        parts.extend(f"<img alt='plot from {e(Path(lab.notebook).name)}' "
-                     f"src='data:image/png;base64,{png}'>" for png in _plots(Path(lab.output)))
-    parts.append("</body></html>")
-    return "\n".join(parts)

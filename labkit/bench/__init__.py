@@ -1,0 +1,17 @@
+"""Load and benchmark tools: what the labs and ``labkit bench`` measure with.
+
+| module      | what                                                                       |
+|-------------|----------------------------------------------------------------------------|
+| workloads   | requests built from data/prompts.jsonl (lengths, distinct prompts)         |
+| loadgen     | closed- and open-loop load over any ``send(request)`` coroutine            |
+| client      | the OpenAI-compatible HTTP client: streaming, per-chunk time stamps        |
+| latency     | ``bench latency``: one request at a time, roofline fields, decode sweep    |
+| batching    | ``bench batching``: static, dynamic and continuous batching on one workload |
+| caching     | ``bench cache``: miss and hit paths, hit ratio of a workload with repeats  |
+| quant       | ``bench quant``: size, perplexity and decode speed per quantization method |
+| serve       | ``bench serve``: load a running server, one run per concurrency or rate    |
+| compare     | the course's reference service measured: its defects, against the fix      |
+| autoscale   | a load step against a Ray Serve deployment and its replica counts          |
+
+Every bench writes the JSON contract of ``labkit.metrics`` (``bench_document``).
+"""

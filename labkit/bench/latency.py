@@ -1,0 +1,167 @@
+"""Benchmarks: workloads from data/prompts.jsonl, closed- and open-loop load, records, JSON.
+
+Load generators are asyncio coroutines over any ``send(request) -> Completion`` coroutine: an
+engine in a thread (``engine_sender``), the serving lab's service, or an HTTP client. Each
+request's ``start_s`` is set to the moment the generator sent it, so queueing counts in TTFT and
+E2E, as a client sees them. Metrics come from ``labkit.metrics`` (vLLM's definitions).
+
+- closed loop: ``concurrency`` clients, each sends its next request when the previous completes.
+  Load adapts to the server: it can never be overloaded, so it hides queueing collapse.
+- open loop: requests arrive as a Poisson process at ``rate`` req/s (seeded), whether or not the
+  server keeps up. Use it to find the rate where latency blows up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from labkit.bench.workloads import prompt_of_length
+from labkit.engines import as_engine, engine_device
+from labkit.engines.base import Engine, Request, now
+from labkit.metrics import bench_document, summarize, write_json
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+# --- load generators ---------------------------------------------------------------------------
+
+
+# --- records -----------------------------------------------------------------------------------
+
+
+# --- the latency bench and the decode sweep ----------------------------------------------------
+
+
+def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
+                      num_requests: int = 4, prompt_lens: Sequence[int] = (32, 128),
+                      out_lens: Sequence[int] = (32,), warmup: int = 1,
+                      json_path: str | Path | None = None, progress: bool = True,
+                      **engine_kwargs) -> dict:
+    """The ``latency`` bench: requests one at a time (no queueing, no batching) after warm-up.
+
+    Warm-up: ``engine.warmup()`` ``warmup`` times, then ``warmup`` untimed requests of each
+    (prompt length, output length) shape before that shape is timed: an engine with a static
+    KV cache and CUDA graphs builds them per shape, and the first request of a new shape would
+    otherwise carry that cost in its TTFT and TPOT.
+
+    One run named ``"latency"`` per (prompt length, output length) pair, with extra fields
+    ``prompt_len`` (target prompt tokens), ``out_len`` (output tokens, ``ignore_eos``) and
+    ``prompt_tokens`` (mean actual). ``engine`` is a name for ``get_engine`` or an Engine.
+    Returns the bench document and writes it to ``json_path`` when given.
+    """
+    from tqdm.auto import tqdm
+
+    if num_requests < 1 or warmup < 0:
+        raise ValueError(f"need num_requests >= 1 and warmup >= 0, got {num_requests!r}, "
+                         f"{warmup!r}")
+    eng, owned = as_engine(engine, model, **engine_kwargs)
+    try:
+        for _ in range(warmup):
+            eng.warmup()
+        pairs = [(p, o) for p in prompt_lens for o in out_lens]
+        runs = []
+        bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
+        for prompt_len, out_len in pairs:
+            text = prompt_of_length(eng.tokenizer, prompt_len)
+            for _ in range(warmup):
+                eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
+            done = []
+            start = now()
+            for _ in range(num_requests):
+                [c] = eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
+                done.append(c)
+                bar.update()
+            prompt_tokens = sum(c.prompt_tokens for c in done) / len(done)
+            run = summarize(done, now() - start, name="latency", batch_size=1, concurrency=1,
+                            prompt_len=prompt_len, out_len=out_len, prompt_tokens=prompt_tokens)
+            run.update(roofline_fields(eng, run["tpot_s"]["mean"], prompt_tokens + out_len / 2))
+            runs.append(run)
+        bar.close()
+        doc = bench_document("latency", runs, engine=eng.name, model=eng.model_name,
+                             device=engine_device(eng), warmup=warmup)
+    finally:
+        if owned:
+            eng.close()
+    if json_path is not None:
+        write_json(doc, json_path)
+    return doc
+
+
+def engine_weight_bytes(engine: Engine) -> tuple[int, int]:
+    """(bytes of the weights as the engine holds them, bytes per element of its dtype).
+
+    A transformers engine is measured on its model; for others (vLLM keeps the model in its
+    own worker) we count parameters in the checkpoint's safetensors headers and assume bf16.
+    """
+    from labkit.profiling import weight_bytes
+
+    model = getattr(engine, "model", None)
+    if model is not None and hasattr(model, "parameters"):
+        return weight_bytes(model), next(model.parameters()).element_size()
+    from safetensors import safe_open
+
+    params = 0
+    for path in Path(engine.ref.path).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                params += math.prod(shape)
+    return 2 * params, 2
+
+
+def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float,
+                    weight_bytes: int | None = None) -> dict:
+    """Batch-1 decode tokens/s (1 / mean TPOT), its memory-bandwidth bound and the fraction.
+
+    Bound = bandwidth / (weight bytes + KV-cache bytes read per step), see
+    ``labkit.profiling.decode_roofline``; bandwidth is the GPU's datasheet HBM figure, or a
+    measured copy bandwidth on a CPU (``bandwidth_source`` says which). Pass ``weight_bytes``
+    for quantized weights, whose packed size the engine's parameters do not show.
+    """
+    from transformers import AutoConfig
+
+    from labkit.profiling import decode_roofline, kv_cache_bytes_per_token, memory_bandwidth
+
+    weights, elem = engine_weight_bytes(engine)
+    elem = 2 if weight_bytes is not None else elem  # quantized models keep a bf16 KV cache
+    weights = weight_bytes if weight_bytes is not None else weights
+    config = AutoConfig.from_pretrained(engine.ref.path)
+    kv = kv_cache_bytes_per_token(config, elem)
+    bandwidth, source = memory_bandwidth(getattr(engine, "device", None)
+                                         if engine.name != "vllm" else "cuda")
+    bound = decode_roofline(weights, kv, context_tokens, 1, bandwidth)
+    measured = 1 / tpot_s if tpot_s and tpot_s > 0 else math.nan
+    return {"decode_tokens_per_s": measured, "weight_bytes": weights,
+            "kv_bytes_per_token": kv, "bandwidth_bytes_per_s": bandwidth,
+            "bandwidth_source": source, "roofline_tokens_per_s": bound,
+            "fraction_of_roofline": measured / bound}
+
+
+def decode_sweep(engine: Engine, batch_sizes: Sequence[int], prompt_len: int = 32,
+                 out_len: int = 32, progress: bool = True, warmup: bool = True):
+    """Decode tokens/s of one static batch per size: ``batch_size / mean TPOT`` (tok/s).
+
+    With ``warmup`` each batch is generated once untimed before the timed run (a new batch size
+    means new kernels, allocations and, on the static-cache path, a new CUDA graph). TPOT
+    excludes the first token, so prefill stays out; ``context_tokens`` is the mean context a
+    decode step attends to (prompt + half the output), for ``decode_roofline``.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if out_len < 2:
+        raise ValueError(f"out_len must be >= 2 to measure decode (TPOT), got {out_len!r}")
+    text = prompt_of_length(engine.tokenizer, prompt_len)
+    rows = []
+    for b in tqdm(list(batch_sizes), desc="decode sweep", disable=not progress):
+        reqs = [Request(prompt=text, max_tokens=out_len, ignore_eos=True) for _ in range(b)]
+        if warmup:
+            engine.generate(reqs)
+        done = engine.generate(reqs)
+        tpot = sum(c.tpot_s for c in done) / len(done)
+        rows.append({"batch_size": b, "tpot_s": tpot, "decode_tokens_per_s": b / tpot,
+                     "prompt_tokens": done[0].prompt_tokens,
+                     "context_tokens": done[0].prompt_tokens + out_len / 2})
+    return pd.DataFrame(rows)
