@@ -1,22 +1,108 @@
-"""Pieces shared by the fake engines of the service, HTTP and batcher tests."""
+"""The one fake engine of the tests: a model-free ``Engine`` with known timing and output.
+
+``FakeEngine`` "decodes" a reply built from each request's prompt, one step per token for the
+whole batch (like a static batch), calling ``on_token`` like a real engine. Its knobs:
+
+| knob         | default        | what it does                                                    |
+|--------------|----------------|-----------------------------------------------------------------|
+| ``reply``    | ``"{prompt}"`` | the answer; ``{prompt}`` is the prompt (or the last chat        |
+|              |                | message); cut at the request's ``stop`` strings                 |
+| ``tokens``   | ``None``       | ``None``: one token per word of the reply, streamed word by     |
+|              |                | word; ``n``: ``n`` tokens, the whole reply in the first one.    |
+|              |                | Never more than the request's ``max_tokens``                    |
+| ``delay_s``  | ``0.0``        | seconds slept once per call before the first step (a prefill)   |
+| ``step_s``   | ``0.01``       | seconds slept before each decode step (one token per sequence)  |
+| ``held``     | ``False``      | start with ``gate`` closed: calls wait until ``gate.set()``     |
+| ``continuous``| ``False``     | the ``Engine.continuous`` flag the service dispatches on        |
+| ``oom_at``   | ``None``       | a call of this many requests or more raises CUDA OOM            |
+| ``tokenizer``| ``None``       | a real tokenizer, for code that counts prompt tokens            |
+| ``model``    | ``"fake"``     | ``Engine.model_name``                                           |
+
+What it records: ``batch_sizes`` (requests per call, in call order), ``received`` (every
+request, in arrival order), ``running`` / ``most_running`` (requests inside ``generate`` now /
+at most at once).
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 
-from labkit.engines.base import now
+import torch
+
+from labkit.engines.base import Completion, Engine, Request, now, truncate_at_stop
 
 
-def stream_words(words: list[list[str]], step_s: float, on_token=None) -> list[list[float]]:
-    """'Decode' one word of every sequence each ``step_s`` seconds, calling ``on_token`` like a
-    real engine (index, step, text delta, time); returns each sequence's token times (s)."""
-    times: list[list[float]] = [[] for _ in words]
-    for step in range(max(map(len, words), default=0)):
-        time.sleep(step_s)
-        t = now()
-        for i, w in enumerate(words):
-            if step < len(w):
-                times[i].append(t)
-                if on_token is not None:
-                    on_token(i, step, (" " if step else "") + w[step], t)
-    return times
+class FakeEngine(Engine):
+    """A model-free engine; see the module docstring for its knobs and records."""
+
+    name = "fake"
+
+    def __init__(self, *, reply: str = "{prompt}", tokens: int | None = None,
+                 delay_s: float = 0.0, step_s: float = 0.01, held: bool = False,
+                 continuous: bool = False, oom_at: int | None = None, tokenizer=None,
+                 model: str = "fake") -> None:
+        super().__init__(model)
+        self.reply, self.tokens, self.delay_s, self.step_s = reply, tokens, delay_s, step_s
+        self.continuous, self.oom_at, self.tokenizer = continuous, oom_at, tokenizer
+        self.gate = threading.Event()
+        if not held:
+            self.gate.set()
+        self.batch_sizes: list[int] = []
+        self.received: list[Request] = []
+        self.running = self.most_running = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def prompt(request: Request) -> str:
+        """The request's prompt, or the content of its last chat message."""
+        return request.prompt if request.prompt is not None else request.messages[-1]["content"]
+
+    def pieces(self, request: Request) -> list[str]:
+        """The text delta of each output token of ``request`` (their join is the reply)."""
+        text = self.reply.format(prompt=self.prompt(request))
+        if self.tokens is None:
+            words = text.split()[:request.max_tokens]
+            return [(" " if i else "") + w for i, w in enumerate(words)]
+        return [text] + [""] * (min(self.tokens, request.max_tokens) - 1)
+
+    def generate(self, requests, on_token=None):
+        """Wait at the gate, sleep ``delay_s``, then one step of ``step_s`` per token."""
+        if self.oom_at is not None and len(requests) >= self.oom_at:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory (fake: a batch of {len(requests)} >= oom_at={self.oom_at})")
+        start = now()
+        with self._lock:
+            self.batch_sizes.append(len(requests))
+            self.received += requests
+            self.running += len(requests)
+            self.most_running = max(self.most_running, self.running)
+        try:
+            self.gate.wait()
+            time.sleep(self.delay_s)
+            pieces = [self.pieces(r) for r in requests]
+            times = self._decode(pieces, on_token)
+        finally:
+            with self._lock:
+                self.running -= len(requests)
+        out = []
+        for r, p, ts in zip(requests, pieces, times):
+            text, hit = truncate_at_stop("".join(p), r.stop)
+            out.append(Completion(r.request_id, text, list(range(len(p))),
+                                  len(self.prompt(r).split()), "stop" if hit else "length",
+                                  start, ts, now()))
+        return out
+
+    def _decode(self, pieces: list[list[str]], on_token) -> list[list[float]]:
+        """One token of every unfinished sequence each ``step_s`` seconds, ``on_token`` called
+        per token (index, step, delta, time); returns each sequence's token times (s)."""
+        times: list[list[float]] = [[] for _ in pieces]
+        for step in range(max(map(len, pieces), default=0)):
+            time.sleep(self.step_s)
+            t = now()
+            for i, p in enumerate(pieces):
+                if step < len(p):
+                    times[i].append(t)
+                    if on_token is not None:
+                        on_token(i, step, p[step], t)
+        return times

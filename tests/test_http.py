@@ -4,42 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import httpx
 import openai
 import pytest
-from fakes import stream_words
+from fakes import FakeEngine
 
-from labkit.engines.base import Completion, Engine, now
 from labkit.serving.cache import AsyncResponseCache
 from labkit.serving.http import BackgroundServer
 from labkit.serving.service import InferenceService
 
 MODEL = "smollm2-135m"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-class GatedWords(Engine):
-    """A fake engine: streams the prompt's words, one per ``step_s``; can be held at a gate."""
-
-    name = "words"
-
-    def __init__(self, step_s: float = 0.02) -> None:
-        super().__init__(MODEL)
-        self.step_s = step_s
-        self.gate = threading.Event()
-        self.gate.set()
-        self.finished: list[str] = []
-
-    def generate(self, requests, on_token=None):
-        start = now()
-        self.gate.wait()
-        words = [(r.prompt or r.messages[-1]["content"]).split()[:r.max_tokens] for r in requests]
-        times = stream_words(words, self.step_s, on_token)
-        self.finished += [" ".join(w) for w in words]
-        return [Completion(r.request_id, " ".join(w), list(range(len(w))), 1, "length", start, ts,
-                           now()) for r, w, ts in zip(requests, words, times)]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +82,7 @@ def test_max_tokens_below_one_is_a_400_naming_the_field_and_range(client):
 
 
 def test_overload_is_a_503_and_the_server_recovers():
-    engine = GatedWords()
-    engine.gate.clear()
+    engine = FakeEngine(step_s=0.02, held=True, model=MODEL)
     service = InferenceService(engine, model_name=MODEL, max_batch_size=1, max_wait_ms=0,
                                max_queue=1)
     body = {"model": MODEL, "prompt": "a b", "max_tokens": 2}
@@ -134,7 +109,7 @@ def test_overload_is_a_503_and_the_server_recovers():
 
 
 def test_client_that_hangs_up_mid_stream_does_not_break_others():
-    engine = GatedWords(step_s=0.05)
+    engine = FakeEngine(step_s=0.05, model=MODEL)
     service = InferenceService(engine, model_name=MODEL, max_batch_size=4, max_wait_ms=50)
     words = "one two three four five six seven eight"
 
@@ -164,7 +139,7 @@ def test_serve_bench_times_every_streamed_token(tmp_path):
     from labkit.engines import Request
     from labkit.widgets import LoadTestView
 
-    engine = GatedWords(step_s=0.01)
+    engine = FakeEngine(step_s=0.01, model=MODEL)
     service = InferenceService(engine, model_name=MODEL, max_batch_size=4, max_wait_ms=5)
     workload = [Request(prompt=f"w{i} b c d e", max_tokens=5, request_id=f"b{i}")
                 for i in range(8)]
@@ -172,7 +147,7 @@ def test_serve_bench_times_every_streamed_token(tmp_path):
     with BackgroundServer(service) as srv:
         doc = run_serve_bench(srv.url, concurrencies=[1, 4], workload=workload, warmup=1,
                               json_path=tmp_path / "serve.json", view=view)
-    assert doc["bench"] == "serve" and doc["engine"] == "words" and doc["model"] == MODEL
+    assert doc["bench"] == "serve" and doc["engine"] == "fake" and doc["model"] == MODEL
     assert json.loads((tmp_path / "serve.json").read_text())["runs"] == doc["runs"]
     one, four = doc["runs"]
     assert (one["concurrency"], four["concurrency"]) == (1, 4)
@@ -222,7 +197,7 @@ def test_serve_bench_times_the_model_not_the_cache_unless_asked(server_cache, ex
     from labkit.bench.serve import run_serve_bench
     from labkit.engines import Request
 
-    engine = GatedWords(step_s=0.005)
+    engine = FakeEngine(step_s=0.005, model=MODEL)
     service = InferenceService(engine, AsyncResponseCache(MODEL, "lru"), model_name=MODEL,
                                max_batch_size=8, max_wait_ms=5)
     workload = [Request(prompt=f"w{i} b c", max_tokens=3, request_id=f"c{i}") for i in range(8)]
@@ -232,7 +207,7 @@ def test_serve_bench_times_the_model_not_the_cache_unless_asked(server_cache, ex
         m = httpx.get(srv.url + "/metrics").json()
     assert [r["cache_hits"] for r in doc["runs"]] == [expect_hits // 2] * 2
     assert all(r["server_cache"] is server_cache for r in doc["runs"])
-    assert len(engine.finished) == 24 - expect_hits   # warm-up + two runs of 8
+    assert sum(engine.batch_sizes) == 24 - expect_hits  # warm-up + two runs of 8
     assert m["cache_hits"] == expect_hits
 
 

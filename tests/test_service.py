@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 
 import pytest
-from fakes import stream_words
+from fakes import FakeEngine
 
 from labkit.engines import Request
-from labkit.engines.base import Completion, Engine, encode_request, now, truncate_at_stop
+from labkit.engines.base import encode_request
 from labkit.equivalence import assert_same_or_near_tie
 from labkit.serving.batchers import BatcherClosed, Overloaded
 from labkit.serving.cache import AsyncResponseCache
@@ -19,40 +18,6 @@ from labkit.serving.service import InferenceService
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
           "volcanoes", "libraries", "owls", "glass", "tea", "maps", "clouds", "copper", "ants",
           "bridges", "paper"]
-
-
-class WordEngine(Engine):
-    """A fake engine: 'generates' the words of the prompt, one per step of ``step_s`` seconds,
-    calling ``on_token`` like a real engine. Can be held at a gate; counts calls."""
-
-    name = "words"
-
-    def __init__(self, step_s: float = 0.01, continuous: bool = False) -> None:
-        super().__init__("words")
-        self.step_s, self.continuous = step_s, continuous
-        self.gate = threading.Event()
-        self.gate.set()
-        self.batch_sizes: list[int] = []
-        self.running = self.most_running = 0
-        self._lock = threading.Lock()
-
-    def generate(self, requests, on_token=None):
-        start = now()
-        with self._lock:
-            self.running += len(requests)
-            self.most_running = max(self.most_running, self.running)
-        self.gate.wait()
-        self.batch_sizes.append(len(requests))
-        words = [r.prompt.split()[:r.max_tokens] for r in requests]
-        times = stream_words(words, self.step_s, on_token)
-        with self._lock:
-            self.running -= len(requests)
-        out = []
-        for r, w, ts in zip(requests, words, times):
-            text, hit = truncate_at_stop(" ".join(w), r.stop)
-            out.append(Completion(r.request_id, text, list(range(len(w))), 1,
-                                  "stop" if hit else "length", start, ts, now()))
-        return out
 
 
 def lru_cache() -> AsyncResponseCache:
@@ -102,7 +67,7 @@ def test_500_concurrent_mixed_requests_each_get_their_own_output_once(hf_engine)
 
 
 def test_cache_hit_returns_stored_answer_and_sampled_requests_are_never_cached():
-    engine = WordEngine()
+    engine = FakeEngine()
 
     async def main():
         async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
@@ -123,7 +88,7 @@ def test_cache_hit_returns_stored_answer_and_sampled_requests_are_never_cached()
 
 
 def test_identical_requests_in_flight_share_one_generation():
-    engine = WordEngine(step_s=0.02)
+    engine = FakeEngine(step_s=0.02)
 
     async def main():
         async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
@@ -147,7 +112,7 @@ def test_identical_requests_in_flight_share_one_generation():
 
 def test_streaming_yields_deltas_then_the_response_with_ttft():
     async def main():
-        async with InferenceService(WordEngine(step_s=0.02), max_wait_ms=0) as service:
+        async with InferenceService(FakeEngine(step_s=0.02), max_wait_ms=0) as service:
             return [e async for e in service.stream(Request(prompt="one two three four"))]
 
     events = asyncio.run(main())
@@ -160,7 +125,7 @@ def test_streaming_yields_deltas_then_the_response_with_ttft():
 
 def test_stream_never_sends_text_past_a_stop_string():
     async def main():
-        async with InferenceService(WordEngine(), max_wait_ms=0) as service:
+        async with InferenceService(FakeEngine(), max_wait_ms=0) as service:
             req = Request(prompt="red green STOP blue", stop=["STOP"], max_tokens=8)
             return [e async for e in service.stream(req)]
 
@@ -172,7 +137,7 @@ def test_stream_never_sends_text_past_a_stop_string():
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["batcher", "continuous"])
 def test_client_that_cancels_its_stream_does_not_break_the_batch(continuous):
-    engine = WordEngine(step_s=0.02, continuous=continuous)
+    engine = FakeEngine(step_s=0.02, continuous=continuous)
     prompts = [f"w{i} a b c d e" for i in range(6)]
 
     async def main():
@@ -205,8 +170,7 @@ def test_client_that_cancels_its_stream_does_not_break_the_batch(continuous):
 
 
 def test_full_queue_rejects_with_overloaded_and_recovers():
-    engine = WordEngine()
-    engine.gate.clear()
+    engine = FakeEngine(held=True)
 
     async def main():
         async with InferenceService(engine, max_batch_size=1, max_wait_ms=0,
@@ -229,7 +193,7 @@ def test_full_queue_rejects_with_overloaded_and_recovers():
 
 
 def test_continuous_engine_gets_requests_directly_but_bounded():
-    engine = WordEngine(step_s=0.01, continuous=True)
+    engine = FakeEngine(step_s=0.01, continuous=True)
 
     async def main():
         async with InferenceService(engine, max_batch_size=4, max_queue=100) as service:
@@ -246,7 +210,7 @@ def test_continuous_engine_gets_requests_directly_but_bounded():
 
 
 def test_metrics_and_clean_shutdown():
-    engine = WordEngine()
+    engine = FakeEngine()
 
     async def main():
         service = InferenceService(engine, lru_cache(), max_batch_size=4, max_wait_ms=5)
@@ -265,7 +229,7 @@ def test_metrics_and_clean_shutdown():
 
 
 def test_a_cache_hit_has_one_stamp_so_no_decode_statistics():
-    engine = WordEngine()
+    engine = FakeEngine()
 
     async def main():
         async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
@@ -279,7 +243,7 @@ def test_a_cache_hit_has_one_stamp_so_no_decode_statistics():
 
 
 def test_a_late_joiner_of_a_shared_generation_has_a_non_negative_ttft():
-    engine = WordEngine(step_s=0.05)
+    engine = FakeEngine(step_s=0.05)
 
     async def main():
         async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
@@ -296,7 +260,7 @@ def test_a_late_joiner_of_a_shared_generation_has_a_non_negative_ttft():
 
 
 def test_use_cache_false_runs_the_engine_without_sharing_or_storing():
-    engine = WordEngine(step_s=0.01)
+    engine = FakeEngine(step_s=0.01)
 
     async def main():
         async with InferenceService(engine, lru_cache(), max_wait_ms=0) as service:
