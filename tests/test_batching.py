@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import pytest
+from fakes import FakeEngine
 
 from labkit.engines import Request
-from labkit.engines.base import Completion, Engine, encode_request, now
+from labkit.engines.base import Completion, encode_request, now
 from labkit.equivalence import assert_same_or_near_tie
 from labkit.serving.batchers import BatcherClosed, DynamicBatcher, Overloaded
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
           "volcanoes", "libraries", "owls", "glass", "tea", "maps", "clouds", "copper", "ants",
           "bridges", "paper"]
-
-
-class SlowEcho(Engine):
-    """A fake engine: echoes prompts after a fixed delay, and can be held at a gate."""
-
-    name = "echo"
-
-    def __init__(self, delay_s: float = 0.05) -> None:
-        super().__init__("echo")
-        self.delay_s = delay_s
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls: list[int] = []
-
-    def generate(self, requests, on_token=None):
-        start = now()
-        self.gate.wait()
-        time.sleep(self.delay_s)
-        self.calls.append(len(requests))
-        t = now()
-        return [Completion(r.request_id, r.prompt, [1], 1, "length", start, [t], t)
-                for r in requests]
 
 
 def test_200_concurrent_mixed_requests_each_get_their_own_completion(hf_engine):
@@ -79,8 +57,7 @@ def test_200_concurrent_mixed_requests_each_get_their_own_completion(hf_engine):
 
 
 def test_full_queue_rejects_with_overloaded():
-    engine = SlowEcho()
-    engine.gate.clear()  # hold the first batch in the engine
+    engine = FakeEngine(delay_s=0.05, step_s=0, held=True)  # hold the first batch in the engine
 
     async def main():
         batcher = DynamicBatcher(engine, max_batch_size=2, max_wait_ms=0, max_queue=4)
@@ -100,8 +77,7 @@ def test_full_queue_rejects_with_overloaded():
 
 
 def test_shutdown_fails_waiting_requests_instead_of_hanging():
-    engine = SlowEcho(delay_s=0.0)
-    engine.gate.clear()
+    engine = FakeEngine(step_s=0, held=True)
 
     async def main():
         batcher = DynamicBatcher(engine, max_batch_size=1, max_wait_ms=0)
@@ -122,7 +98,7 @@ def test_shutdown_fails_waiting_requests_instead_of_hanging():
 
 
 def test_event_loop_stays_responsive_while_engine_runs():
-    engine = SlowEcho(delay_s=0.5)
+    engine = FakeEngine(delay_s=0.5, step_s=0)
 
     async def main():
         batcher = DynamicBatcher(engine, max_batch_size=4, max_wait_ms=0)
@@ -140,7 +116,7 @@ def test_event_loop_stays_responsive_while_engine_runs():
 
 
 def test_batches_respect_max_batch_size_and_wait():
-    engine = SlowEcho(delay_s=0.01)
+    engine = FakeEngine(delay_s=0.01, step_s=0)
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=8, max_wait_ms=50) as batcher:
@@ -148,9 +124,9 @@ def test_batches_respect_max_batch_size_and_wait():
             return batcher.stats()
 
     stats = asyncio.run(main())
-    assert stats["batches"] == len(engine.calls)
-    assert max(engine.calls) <= 8 and sum(engine.calls) == 20
-    assert engine.calls[0] == 8  # 20 arrivals at once: the first batch fills up
+    assert stats["batches"] == len(engine.batch_sizes)
+    assert max(engine.batch_sizes) <= 8 and sum(engine.batch_sizes) == 20
+    assert engine.batch_sizes[0] == 8  # 20 arrivals at once: the first batch fills up
 
 
 @pytest.mark.parametrize("kw, message", [(dict(max_batch_size=0), "max_batch_size"),
@@ -158,13 +134,13 @@ def test_batches_respect_max_batch_size_and_wait():
                                          (dict(max_queue=0), "max_queue")])
 def test_bad_settings_are_rejected(kw, message):
     with pytest.raises(ValueError, match=message):
-        DynamicBatcher(SlowEcho(), **kw)
+        DynamicBatcher(FakeEngine(), **kw)
 
 
 def test_max_wait_counts_from_queueing_not_from_the_end_of_the_previous_batch():
     """"b" waits 300 ms behind a full batch; its max_wait of 250 ms is over by the time the
     engine is free, so it runs at once (old rule: 250 ms more from the moment it was taken)."""
-    engine = SlowEcho(delay_s=0.4)
+    engine = FakeEngine(delay_s=0.4, step_s=0)
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=2, max_wait_ms=250) as batcher:

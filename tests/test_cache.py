@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from fakes import FakeEngine
 
 from labkit.bench.caching import (
     prefix_sharing_ttft,
@@ -20,7 +21,7 @@ from labkit.bench.caching import (
     simulate_hit_ratio,
     zipf_workload,
 )
-from labkit.engines.base import Completion, Engine, Request
+from labkit.engines.base import Request
 from labkit.serving import redis_server
 from labkit.serving.cache import AsyncResponseCache, LRUBackend, ResponseCache, cache_key
 from labkit.serving.redis_server import EmbeddedRedis, get_client
@@ -255,34 +256,11 @@ def test_hit_ratio_grows_with_cache_size_and_ttl():
     assert by_ttl == sorted(by_ttl) and by_ttl[0] < by_ttl[-1]
 
 
-class SleepyEngine(Engine):
-    """Stands in for a model: each request takes ``delay_s`` and yields 4 tokens."""
-
-    name = "sleepy"
-
-    def __init__(self, delay_s: float = 0.02) -> None:
-        super().__init__("sleepy")
-        self.delay_s, self.calls = delay_s, 0
-
-    def generate(self, requests, on_token=None):
-        out = []
-        for r in requests:
-            self.calls += 1
-            start = time.perf_counter()
-            stamps = []
-            for _ in range(4):
-                time.sleep(self.delay_s / 4)
-                stamps.append(time.perf_counter())
-            out.append(Completion(r.request_id, "abcd", [1, 2, 3, 4], 5, "length", start, stamps,
-                                  stamps[-1]))
-        return out
-
-
 def test_cache_bench_contract_and_acceptance(server):
-    engine = SleepyEngine()
+    engine = FakeEngine(tokens=4, step_s=0.005)  # 4 tokens in 20 ms per request
     doc = run_cache_bench(engine, "sleepy", num_requests=60, repeat_fraction=0.5,
                           url=server.url, progress=False)
-    assert doc["bench"] == "cache" and doc["engine"] == "sleepy"
+    assert doc["bench"] == "cache" and doc["engine"] == "fake"
     runs = {r["name"]: r for r in doc["runs"]}
     assert set(runs) == {"miss", "hit", "workload"}
     for run in runs.values():
@@ -290,7 +268,7 @@ def test_cache_bench_contract_and_acceptance(server):
     assert runs["hit"]["e2e_s"]["p50"] * 100 <= runs["miss"]["e2e_s"]["p50"]
     assert abs(runs["workload"]["hit_ratio"] - 0.5) <= 0.01
     assert runs["workload"]["tokens_saved"] == 4 * runs["hit"]["num_requests"]
-    assert engine.calls == runs["miss"]["num_requests"] + 1  # + the warm-up
+    assert sum(engine.batch_sizes) == runs["miss"]["num_requests"] + 1  # + the warm-up
     assert not list(get_client(server.url).scan_iter("labkit:sleepy-bench-*"))  # cleaned up
 
 
@@ -305,14 +283,9 @@ def test_cache_bench_with_bundled_model(hf_engine, server):
 
 
 def test_prefix_sharing_ttft_sends_shared_prefix_prompts():
-    seen = []
-
-    class Recorder(SleepyEngine):
-        def generate(self, requests, on_token=None):
-            seen.extend(r.messages for r in requests)
-            return super().generate(requests, on_token)
-
-    ttfts = prefix_sharing_ttft(Recorder(0.004), num_requests=3, prefix_sentences=5)
+    engine = FakeEngine(tokens=4, step_s=0.001)
+    ttfts = prefix_sharing_ttft(engine, num_requests=3, prefix_sentences=5)
+    seen = [r.messages for r in engine.received]
     assert len(ttfts) == 3 and all(t > 0 for t in ttfts)
     assert len({m[-1]["content"] for m in seen}) == 3  # three different questions ...
     assert len({m[0]["content"] for m in seen}) == 1  # ... after one shared prefix

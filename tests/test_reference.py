@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from fakes import FakeEngine
 
 from labkit.bench.compare import measure_reference_defects
-from labkit.engines.base import Completion, Engine, now
 from labkit.serving.reference import (
     DictCache,
     GenerationRequest,
@@ -21,28 +21,14 @@ from labkit.serving.reference import (
 PROMPTS = [f"prompt {i}" for i in range(8)]
 
 
-class Echo(Engine):
-    """A fake engine: answers 'echo: <prompt>' with max_tokens tokens, after a short sleep."""
-
-    name = "echo"
-
-    def __init__(self, delay_s: float = 0.03) -> None:
-        super().__init__("echo")
-        self.delay_s = delay_s
-
-    def generate(self, requests, on_token=None):
-        import time
-
-        start = now()
-        time.sleep(self.delay_s)
-        t = now()
-        return [Completion(r.request_id, f"echo: {r.prompt}", list(range(r.max_tokens)), 1,
-                           "length", start, [t] * r.max_tokens, t) for r in requests]
+def echo(delay_s: float = 0.03) -> FakeEngine:
+    """Answers 'echo: <prompt>' with max_tokens tokens (at most 8), ``delay_s`` after a call."""
+    return FakeEngine(reply="echo: {prompt}", tokens=8, delay_s=delay_s, step_s=0)
 
 
 @pytest.fixture(scope="module")
 def defects():
-    return measure_reference_defects(Echo(), n_requests=8, batch_size=4, max_tokens=8,
+    return measure_reference_defects(echo(), n_requests=8, batch_size=4, max_tokens=8,
                                      prompts=PROMPTS)
 
 
@@ -69,7 +55,7 @@ def test_per_request_max_tokens_is_ignored(defects):
 
 
 def test_response_text_really_is_another_prompts():
-    service = OptimizedInferenceService(Echo(0.0), OptimizationConfig(batch_size=2))
+    service = OptimizedInferenceService(echo(0.0), OptimizationConfig(batch_size=2))
 
     async def main():
         return await asyncio.gather(*(service(GenerationRequest(prompt=p)) for p in "ab"))
@@ -81,7 +67,7 @@ def test_response_text_really_is_another_prompts():
 
 def test_sampled_output_is_cached_and_replayed():
     cache = DictCache()
-    service = OptimizedInferenceService(Echo(0.0), OptimizationConfig(batch_size=1), cache=cache)
+    service = OptimizedInferenceService(echo(0.0), OptimizationConfig(batch_size=1), cache=cache)
     req = GenerationRequest(prompt="tell me a joke", temperature=0.7)
     first = asyncio.run(service(req))
     again = asyncio.run(service(req))
@@ -114,4 +100,4 @@ def test_dict_cache_expires_entries():
 
 def test_cache_argument_must_be_a_client():
     with pytest.raises(TypeError, match="Redis client"):
-        OptimizedInferenceService(Echo(), OptimizationConfig(), cache=42)
+        OptimizedInferenceService(echo(), OptimizationConfig(), cache=42)
