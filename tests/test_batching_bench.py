@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
+from fakes import FakeEngine
 
 from labkit.bench.batching import padding_fraction, run_batching_bench, static_run, static_sweep
 from labkit.bench.workloads import make_workload
-from labkit.engines.base import Completion, Engine, now
 from labkit.metrics import STATS_KEYS
 
 CONTRACT = ("name", "batch_size", "concurrency", "request_rate", "num_requests", "output_tokens",
@@ -29,33 +28,24 @@ def test_padding_fraction_on_a_hand_made_example():
         padding_fraction([1], 0)
 
 
-class FakeEngine(Engine):
-    """Echoes with 2 tokens per request; raises CUDA OOM for batches of ``oom_at`` or more."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The bundled model's tokenizer (no weights): static_run counts prompt tokens with it."""
+    from transformers import AutoTokenizer
 
-    name = "fake"
+    from labkit.models import resolve
 
-    def __init__(self, oom_at: int) -> None:
-        super().__init__("fake")
-        self.oom_at = oom_at
-        from transformers import AutoTokenizer
-
-        from labkit.models import resolve
-
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
-
-    def generate(self, requests, on_token=None):
-        if len(requests) >= self.oom_at:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
-        start = now()
-        t = now()
-        return [Completion(r.request_id, "ok", [1, 2], 3, "length", start, [t, t + 1e-3],
-                           t + 1e-3) for r in requests]
+    return AutoTokenizer.from_pretrained(resolve("smollm2-135m").path)
 
 
-def test_oom_size_is_recorded_and_the_sweep_goes_on():
-    runs = static_sweep(FakeEngine(oom_at=8), make_workload(16, min_output_tokens=2,
-                                                            max_output_tokens=2),
-                        [1, 8, 2], progress=False)
+def fake(tokenizer, oom_at: int) -> FakeEngine:
+    """2 tokens per request, no delay; CUDA OOM for batches of ``oom_at`` or more."""
+    return FakeEngine(tokens=2, step_s=0, oom_at=oom_at, tokenizer=tokenizer)
+
+
+def test_oom_size_is_recorded_and_the_sweep_goes_on(tokenizer):
+    workload = make_workload(16, min_output_tokens=2, max_output_tokens=2)
+    runs = static_sweep(fake(tokenizer, oom_at=8), workload, [1, 8, 2], progress=False)
     assert [r["batch_size"] for r in runs] == [1, 8, 2]
     assert [r.get("error") for r in runs] == [None, "OOM", None]
     assert math.isnan(runs[1]["output_tokens_per_s"])
@@ -64,14 +54,14 @@ def test_oom_size_is_recorded_and_the_sweep_goes_on():
         assert set(CONTRACT) <= set(run)
 
 
-def test_max_batches_times_only_the_first_batches():
+def test_max_batches_times_only_the_first_batches(tokenizer):
     requests = make_workload(40, min_output_tokens=2, max_output_tokens=2)
-    runs = static_sweep(FakeEngine(oom_at=99), requests, [1, 4, 16], progress=False,
+    runs = static_sweep(fake(tokenizer, oom_at=99), requests, [1, 4, 16], progress=False,
                         max_batches=3)
     assert [r["num_requests"] for r in runs] == [3, 12, 40]   # 16 * 3 > 40: all of them
     assert [r["output_tokens"] for r in runs] == [6, 24, 80]
     with pytest.raises(ValueError, match="max_batches must be >= 1 or None, got 0"):
-        static_run(FakeEngine(oom_at=99), requests, 4, max_batches=0)
+        static_run(fake(tokenizer, oom_at=99), requests, 4, max_batches=0)
 
 
 @pytest.fixture(scope="module")
