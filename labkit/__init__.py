@@ -9,7 +9,8 @@ own floor or below.
 
 ``import labkit`` is cheap: it imports no engine, no vLLM, no torchao and starts no Redis. The
 short API below is loaded on first use: ``labkit.record("name", value)``,
-``labkit.get_engine("hf")``, ``labkit.Request(prompt=...)``, ``labkit.by_profile(...)``.
+``labkit.claim(text, holds, evidence)``, ``labkit.get_engine("hf")``, ``labkit.Request(prompt=...)``,
+``labkit.by_profile(...)``.
 """
 
 import importlib as _importlib
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _API = {  # name -> the module that defines it
-    "record": "labkit.course.records",
+    "record": "labkit.course.records", "claim": "labkit.claims",
     "by_profile": "labkit.config", "resolve_profile": "labkit.config",
     "Request": "labkit.engines", "get_engine": "labkit.engines",
     "InferenceService": "labkit.serving",

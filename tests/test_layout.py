@@ -15,7 +15,7 @@ MAX_LINES = 350
 FLOORS = [
     {"config", "device", "models", "metrics", "processes"},
     {"engines"},
-    {"profiling", "quant", "quality", "equivalence", "plots", "widgets", "prune"},
+    {"profiling", "quant", "quality", "equivalence", "plots", "widgets", "prune", "claims"},
     {"serving"},
     {"bench"},
     {"course"},

@@ -29,6 +29,9 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("labs")
     plot = _lab(tmp / "01_plot.ipynb",
                 "import labkit\nlabkit.record('tokens', MAX_TOKENS * 2)",
+                "labkit.claim('tokens are doubled', MAX_TOKENS * 2 == -2, f'{MAX_TOKENS * 2}')\n"
+                "labkit.claim('tokens are positive', MAX_TOKENS > 0, f'MAX_TOKENS={MAX_TOKENS}',"
+                " otherwise='the run set it to -1')",
                 "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
     check = _lab(tmp / "02_check.ipynb",
                  "x = 1",
@@ -53,6 +56,16 @@ def test_report_is_self_contained_with_records_and_plots(run):
     assert "data:image/png;base64,iVBOR" in html       # the plot, embedded
     assert "MAX_TOKENS must be &gt;= 1" in html and "02_check.ipynb" in html
     assert "<script" not in html and "src='http" not in html
+
+
+def test_claims_reach_summary_and_report_with_verdict_and_evidence(run):
+    summary = json.loads(run.summary.read_text())
+    claims = summary["labs"][0]["claims"]
+    assert [(c["text"], c["holds"], c["evidence"]) for c in claims] == [
+        ("tokens are doubled", True, "-2"), ("tokens are positive", False, "MAX_TOKENS=-1")]
+    assert summary["labs"][1]["claims"] == []
+    html = run.report.read_text()
+    assert "claims: 1 of 2 hold" in html and "tokens are positive" in html
 
 
 def test_summary_json_lists_each_lab_with_records_and_versions(run):

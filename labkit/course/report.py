@@ -14,7 +14,8 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto}img{max-width:100%;border:1p
 
 
 def render_report(summary: dict, labs: list) -> str:
-    """Self-contained HTML: environment, then per lab status, time, records, plots, failure."""
+    """Self-contained HTML: environment, then per lab status, time, claims, records, plots,
+    failure."""
     e = html.escape
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>"
                    for k, v in [("device", summary["device"]), ("profile", summary["profile"]),
@@ -28,6 +29,14 @@ def render_report(summary: dict, labs: list) -> str:
         on = f", GPU {e(lab.gpus)}" if lab.gpus is not None else ""
         parts.append(f"<h2>{e(Path(lab.notebook).name)}: <span class='{lab.status}'>{lab.status}"
                      f"</span> ({lab.duration_s:.1f} s{on})</h2>")
+        if lab.claims:
+            held = sum(c["holds"] for c in lab.claims)
+            parts.append(f"<p>claims: {held} of {len(lab.claims)} hold</p><table><tr><th>claim"
+                         "</th><th>holds</th><th>evidence</th></tr>" + "".join(
+                f"<tr><td>{e(c['text'])}{'' if c.get('key', True) else ' (not key)'}</td>"
+                f"<td class='{'ok' if c['holds'] else 'failed'}'>"
+                f"{'yes' if c['holds'] else 'no'}</td><td>{e(c['evidence'])}</td></tr>"
+                for c in lab.claims) + "</table>")
         if lab.records:
             parts.append("<table><tr><th>record</th><th>value</th></tr>" + "".join(
                 f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>"

@@ -146,7 +146,8 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
 # --------------------------------------------------------------------------- run_labs and report
 @dataclass
 class LabResult:
-    """One lab of a run: status ``ok`` or ``failed``, wall time (s), records, failure."""
+    """One lab of a run: status ``ok`` or ``failed``, wall time (s), records, claims (each
+    ``{"text", "holds", "evidence", "key", "otherwise"}``, ``labkit.claims``), failure."""
 
     notebook: str
     output: str
@@ -156,6 +157,7 @@ class LabResult:
     plots: int = 0
     failure: Failure | None = None
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of its kernel, when run with gpus=
+    claims: list = field(default_factory=list)
 
 
 @dataclass
@@ -249,6 +251,7 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     given. ``gpus``: run labs side by side, one per listed GPU (module doc); default one after
     the other on whatever the process sees.
     """
+    from labkit.claims import read_claims
     from labkit.config import PROFILES, choose
     from labkit.course.records import read_records
 
@@ -267,9 +270,10 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
         ex = execute(src, out / src.name, parameters=params, cwd=src.resolve().parent,
                      cell_timeout_s=timeout_s, kernel_name=prepare_kernel(env))
         records = read_records(ex.output) if ex.output.exists() else {}
+        claims = read_claims(ex.output) if ex.output.exists() else []
         return LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
                          round(ex.duration_s, 3), records, len(plots_of(ex.output)), ex.failure,
-                         visible)
+                         visible, claims)
 
     if len(gpu_list) < 2:
         visible = gpu_list[0] if gpu_list else None
