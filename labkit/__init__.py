@@ -9,8 +9,8 @@ own floor or below.
 
 ``import labkit`` is cheap: it imports no engine, no vLLM, no torchao and starts no Redis. The
 short API below is loaded on first use: ``labkit.record("name", value)``,
-``labkit.claim(text, holds, evidence)``, ``labkit.get_engine("hf")``, ``labkit.Request(prompt=...)``,
-``labkit.by_profile(...)``.
+``labkit.claim(text, holds, evidence)``, ``labkit.get_engine("hf")``,
+``labkit.Request(prompt=...)``, ``labkit.by_profile(...)``.
 """
 
 import importlib as _importlib
