@@ -1,4 +1,7 @@
-"""Shared test set-up: offline, project-local Jupyter state, and one loaded engine per kind."""
+"""Shared test set-up: offline, project-local Jupyter state, one loaded engine per kind, and the
+``slow`` marker on every test that loads the bundled model or is a lab notebook run by nbval
+(``make test-fast`` runs ``-m "not slow"``). Tests that start a kernel, Ray, uvicorn or a Redis
+server carry ``@pytest.mark.slow`` (or a module ``pytestmark``) themselves."""
 
 from __future__ import annotations
 
@@ -19,6 +22,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LABKIT_PROFILE", "ci")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on 2 cores
+
+
+# A test that uses one of these fixtures, directly or through another fixture, loads a model.
+MODEL_FIXTURES = {"hf_engine", "hfcb_engine"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow`` the tests that load the bundled model and the notebooks nbval runs."""
+    for item in items:
+        if item.path.suffix == ".ipynb" or MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -54,6 +54,7 @@ def test_bundled_model_answers_paris(hf_engine):
     assert c.finish_reason == "stop"
 
 
+@pytest.mark.slow  # the engine comes from getfixturevalue, which the conftest hook cannot see
 @pytest.mark.parametrize("engine_fixture", ["hf_engine", "hfcb_engine"])
 def test_token_timestamps_increase_after_start(engine_fixture, request):
     engine = request.getfixturevalue(engine_fixture)
@@ -86,10 +87,13 @@ def test_per_request_max_tokens_and_stop_in_one_batch(hf_engine):
 
 
 def test_sampled_requests_follow_their_seed(hf_engine):
-    req = lambda: Request(prompt="Once upon a time", max_tokens=12, temperature=1.0,  # noqa: E731
-                          seed=7)
-    a, b = hf_engine.generate([req()])[0], hf_engine.generate([req()])[0]
+    def req(seed: int) -> Request:
+        return Request(prompt="Once upon a time", max_tokens=12, temperature=1.0, seed=seed,
+                       ignore_eos=True)
+
+    a, b, other = (hf_engine.generate([req(seed)])[0] for seed in (7, 7, 8))
     assert a.token_ids == b.token_ids
+    assert a.token_ids != other.token_ids  # 12 tokens sampled at T=1: another seed, another text
 
 
 def test_unknown_engine_name_lists_choices():
@@ -102,8 +106,14 @@ def test_unknown_model_name_lists_choices():
         get_engine("hf", model="smollm3")
 
 
-def test_auto_engine_is_hf_without_gpu():
-    assert resolve_engine("auto") == "hf"
+@pytest.mark.parametrize("cuda, vllm, expected", [(False, False, "hf"), (False, True, "hf"),
+                                                   (True, False, "hf"), (True, True, "vllm")])
+def test_auto_engine_is_vllm_only_on_a_gpu_with_vllm_installed(monkeypatch, cuda, vllm, expected):
+    from labkit import device, engines
+
+    monkeypatch.setattr(device, "has_cuda", lambda: cuda)
+    monkeypatch.setattr(engines, "vllm_available", lambda: vllm)
+    assert resolve_engine("auto") == expected
 
 
 def test_vllm_absent_says_what_to_install(monkeypatch):
@@ -142,6 +152,7 @@ def test_static_cache_loop_matches_generate(hf_engine):
     fast.close()
 
 
+@pytest.mark.slow  # the model loads before the arguments are checked
 def test_compile_without_static_cache_is_refused():
     from labkit.engines.hf import HFEngine
 
