@@ -34,7 +34,8 @@ VALUE = {"text": "The capital of France is Paris.", "token_ids": [1, 2, 3],
 
 @pytest.fixture(scope="module")
 def server():
-    """One private Redis for the module; afterwards it (and the default one) must be gone."""
+    """One private Redis for the module; afterwards it (and the default one) must be gone.
+    redis-server is a process: the tests that use one are marked slow."""
     with EmbeddedRedis() as srv:
         yield srv
     pid = srv.pid
@@ -90,6 +91,7 @@ def test_key_layout_and_what_changes_it():
                                                       "content": "What is the capital of France?"}],
                                            max_tokens=16))):
         assert changed.split(":")[-1] != base.split(":")[-1]
+    assert cache_key("m", q(temperature=0.7, seed=1)) != cache_key("m", q(temperature=0.7, seed=2))
 
 
 # -- in-process LRU ----------------------------------------------------------------------------
@@ -118,6 +120,7 @@ def test_unknown_backend_names_the_choices():
 
 
 # -- Redis -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_hit_returns_json_value_and_counts(cache, server):
     assert cache.get(q()) is None
     assert cache.put(q(), VALUE)
@@ -129,6 +132,7 @@ def test_hit_returns_json_value_and_counts(cache, server):
     assert len(s.hit_latency_s) == 1 and 0 < s.hit_latency_s[0] < 0.5
 
 
+@pytest.mark.slow
 def test_sampled_requests_are_not_cached_unless_asked(cache, server):
     sampled = q(temperature=0.8, seed=7)
     assert not cache.put(sampled, VALUE)
@@ -137,6 +141,7 @@ def test_sampled_requests_are_not_cached_unless_asked(cache, server):
     assert opted_in.put(sampled, VALUE) and opted_in.get(sampled) == VALUE
 
 
+@pytest.mark.slow
 def test_redis_ttl_expiry(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ttl_s=0.3)
     cache.put(q(), VALUE)
@@ -145,6 +150,7 @@ def test_redis_ttl_expiry(server):
     assert cache.get(q()) is None
 
 
+@pytest.mark.slow
 def test_sub_millisecond_ttl_is_stored_not_refused(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ttl_s=0.0004, ns="tiny-ttl")
     with warnings.catch_warnings():
@@ -154,6 +160,7 @@ def test_sub_millisecond_ttl_is_stored_not_refused(server):
     assert cache.get(q()) is None and cache.stats.errors == 0
 
 
+@pytest.mark.slow
 def test_unreadable_entry_or_redis_refusal_is_a_miss_not_a_crash(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ns="damaged")
     get_client(server.url).set(cache.key(q()), "{not json")
@@ -168,6 +175,7 @@ def test_unreadable_entry_or_redis_refusal_is_a_miss_not_a_crash(server):
     cache.clear()
 
 
+@pytest.mark.slow
 def test_namespaces_keep_models_apart(server):
     a = ResponseCache("model-a", url=server.url)
     b = ResponseCache("model-b", url=server.url)
@@ -179,6 +187,7 @@ def test_namespaces_keep_models_apart(server):
     b.clear()
 
 
+@pytest.mark.slow
 def test_external_server_with_password_and_db():
     with EmbeddedRedis(password="pw") as ext:
         url = f"redis://:pw@127.0.0.1:{ext.port}/3"
@@ -189,6 +198,7 @@ def test_external_server_with_password_and_db():
         assert not get_client(url.replace("/3", "/0")).exists(cache.key(q()))
 
 
+@pytest.mark.slow
 def test_cache_fails_open_when_redis_dies():
     port = redis_server.free_port()
     srv = EmbeddedRedis(port=port).start()
@@ -211,6 +221,7 @@ def test_cache_fails_open_when_redis_dies():
         srv.stop()
 
 
+@pytest.mark.slow
 def test_async_cache_hits_and_fails_open():
     async def scenario(srv):
         cache = AsyncResponseCache("smollm2-135m", url=srv.url, retry_after_s=0)
@@ -243,6 +254,8 @@ def test_no_pickle_in_labkit():
 def test_workload_repeats_exactly_the_asked_fraction(repeat_fraction):
     stream = zipf_workload(200, repeat_fraction, seed=3)
     assert stream == zipf_workload(200, repeat_fraction, seed=3)  # deterministic
+    other = zipf_workload(200, repeat_fraction, seed=4)  # the seed picks which repeat, and when
+    assert (stream != other) == (repeat_fraction > 0)  # without repeats nothing is drawn
     repeats = len(stream) - len(set(stream))
     assert repeats == round(repeat_fraction * 200)
     assert abs(simulate_hit_ratio(stream) - repeat_fraction) <= 1 / 400
@@ -256,6 +269,7 @@ def test_hit_ratio_grows_with_cache_size_and_ttl():
     assert by_ttl == sorted(by_ttl) and by_ttl[0] < by_ttl[-1]
 
 
+@pytest.mark.slow
 def test_cache_bench_contract_and_acceptance(server):
     engine = FakeEngine(tokens=4, step_s=0.005)  # 4 tokens in 20 ms per request
     doc = run_cache_bench(engine, "sleepy", num_requests=60, repeat_fraction=0.5,
