@@ -66,6 +66,7 @@ def test_open_loop_arrivals_follow_the_requested_rate():
     rate, n = 400.0, 300
     arrivals = loadgen.poisson_arrivals(n, rate, seed=7)
     assert arrivals == loadgen.poisson_arrivals(n, rate, seed=7)  # seeded: reproducible
+    assert arrivals != loadgen.poisson_arrivals(n, rate, seed=8)  # and the seed is used
     assert arrivals[0] == 0.0 and arrivals == sorted(arrivals)
     assert statistics.fmean(b - a for a, b in zip(arrivals, arrivals[1:])) == \
         pytest.approx(1 / rate, rel=0.15)
@@ -117,14 +118,21 @@ def test_workload_is_seeded_and_lengths_stay_in_range(dist):
                             output_len_dist=dist)
     b = workloads.make_workload(40, seed=3, min_output_tokens=4, max_output_tokens=64,
                             output_len_dist=dist)
+    other = workloads.make_workload(40, seed=4, min_output_tokens=4, max_output_tokens=64,
+                                    output_len_dist=dist)
     assert [(r.messages, r.max_tokens) for r in a] == [(r.messages, r.max_tokens) for r in b]
+    assert [r.messages for r in a] != [r.messages for r in other]  # the seed shuffles prompts
+    if dist != "fixed":
+        assert [r.max_tokens for r in a] != [r.max_tokens for r in other]  # and draws lengths
     assert all(4 <= r.max_tokens <= 64 and r.ignore_eos for r in a)
     if dist == "fixed":
         assert {r.max_tokens for r in a} == {64}
 
 
 def test_lognormal_lengths_vary_widely():
-    lens = workloads.output_lengths(500, 8, 512, "lognormal")
+    lens = workloads.output_lengths(500, 8, 512, "lognormal", seed=1)
+    assert lens == workloads.output_lengths(500, 8, 512, "lognormal", seed=1)
+    assert lens != workloads.output_lengths(500, 8, 512, "lognormal", seed=2)
     assert max(lens) >= 8 * min(lens)
     assert statistics.median(lens) < statistics.fmean(lens)  # right-skewed: a long tail
 
