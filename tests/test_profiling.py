@@ -122,7 +122,27 @@ def test_measured_copy_bandwidth_is_plausible():
 
 def test_memory_bandwidth_on_cpu_is_measured_not_looked_up():
     bw, source = profiling.memory_bandwidth("cpu")
-    assert bw > 0 and source == "measured copy"
+    assert 1e8 < bw < 1e13 and source == "measured copy"  # between 0.1 GB/s and 10 TB/s
+
+
+@pytest.mark.parametrize("driver_name, hbm_bytes_per_s", [
+    ("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 NVL", 3.9e12), ("NVIDIA H200", 4.8e12),
+    ("NVIDIA A100-SXM4-80GB", 2.039e12), ("NVIDIA A100-PCIE-40GB", 1.555e12), ("Tesla T4", 320e9),
+])
+def test_memory_bandwidth_on_a_known_gpu_is_its_datasheet_figure(monkeypatch, driver_name,
+                                                                 hbm_bytes_per_s):
+    from labkit import device
+
+    monkeypatch.setattr(device, "pick_device", lambda dev=None: torch.device("cuda"))
+    monkeypatch.setattr(device, "device_name", lambda dev=None: driver_name)
+    bw, source = profiling.memory_bandwidth()
+    assert bw == hbm_bytes_per_s and source == f"datasheet ({device.gpu_spec(driver_name).name})"
+
+
+def test_unknown_gpu_has_no_datasheet_figure():
+    from labkit import device
+
+    assert device.gpu_spec("NVIDIA GeForce GTX 1080") is None
 
 
 def test_cpu_memory_stats_report_rss_and_peak():
