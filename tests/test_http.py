@@ -1,4 +1,6 @@
-"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1, driven by the official client."""
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1, driven by the official client.
+
+Every test that starts a server is slow (the bundled model's through the conftest hook)."""
 
 from __future__ import annotations
 
@@ -81,6 +83,7 @@ def test_max_tokens_below_one_is_a_400_naming_the_field_and_range(client):
     assert body["param"] == "max_tokens" and "[1, 4096]" in body["message"]
 
 
+@pytest.mark.slow
 def test_overload_is_a_503_and_the_server_recovers():
     engine = FakeEngine(step_s=0.02, held=True, model=MODEL)
     service = InferenceService(engine, model_name=MODEL, max_batch_size=1, max_wait_ms=0,
@@ -108,6 +111,7 @@ def test_overload_is_a_503_and_the_server_recovers():
     assert later.status_code == 200 and later.json()["choices"][0]["text"] == "a b"
 
 
+@pytest.mark.slow
 def test_client_that_hangs_up_mid_stream_does_not_break_others():
     engine = FakeEngine(step_s=0.05, model=MODEL)
     service = InferenceService(engine, model_name=MODEL, max_batch_size=4, max_wait_ms=50)
@@ -134,6 +138,7 @@ def test_client_that_hangs_up_mid_stream_does_not_break_others():
     assert m["batching"]["batch_size_counts"] == {"2": 1}  # and the two shared one batch
 
 
+@pytest.mark.slow
 def test_serve_bench_times_every_streamed_token(tmp_path):
     from labkit.bench.serve import run_serve_bench
     from labkit.engines import Request
@@ -189,6 +194,7 @@ def test_load_sender_keeps_each_client_pool_small(monkeypatch):
     assert len(peak) == 16 and max(peak.values()) == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_cache, expect_hits", [(False, 0), (True, 8 + 8)])
 def test_serve_bench_times_the_model_not_the_cache_unless_asked(server_cache, expect_hits):
     """A cache-on labkit server and a workload replayed per run: by default every request
