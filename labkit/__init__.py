@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _API = {  # name -> the module that defines it
-    "record": "labkit.course.records", "claim": "labkit.claims",
+    "record": "labkit.records", "claim": "labkit.claims",
     "by_profile": "labkit.config", "resolve_profile": "labkit.config",
     "Request": "labkit.engines", "get_engine": "labkit.engines",
     "InferenceService": "labkit.serving",

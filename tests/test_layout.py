@@ -15,7 +15,7 @@ MAX_LINES = 350
 FLOORS = [
     {"config", "device", "models", "metrics", "processes"},
     {"engines"},
-    {"profiling", "quant", "quality", "equivalence", "plots", "widgets", "prune", "claims"},
+    {"profiling", "quant", "quality", "equivalence", "plots", "widgets", "prune", "claims", "records", "quiz"},
     {"serving"},
     {"bench"},
     {"course"},
