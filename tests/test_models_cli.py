@@ -25,6 +25,7 @@ def test_bundled_model_is_converted_once_and_reused():
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_synthetic_model_has_the_asked_shape_and_runs():
     ref = models.resolve(TINY)
     config = json.loads((Path(ref.path) / "config.json").read_text())
@@ -57,6 +58,7 @@ def _run(args, timeout=180):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_generate_answers_paris_with_timings():
     done = _run(["generate", "What is the capital of France?", "--max-tokens", "24",
                  "--engine", "hf"])

