@@ -40,6 +40,7 @@ def _cell_index(nb, text: str) -> int:
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory) -> pd.DataFrame:
+    """The batch graded once: a kernel per submission, so the tests that use it are slow."""
     tmp = tmp_path_factory.mktemp("grading")
     solution, rubric = write_fixture_lab(tmp / "lab")
     [student] = make_student_notebooks(tmp / "lab", tmp / "release", pattern="99_*.ipynb")
@@ -90,29 +91,34 @@ def graded(tmp_path_factory) -> pd.DataFrame:
     return pd.read_csv(csv, keep_default_na=False).set_index("submission")
 
 
+@pytest.mark.slow
 def test_solution_gets_full_marks(graded):
     row = graded.loc["solution.ipynb"]
     assert (row.status, row.total, row["max"]) == ("ok", 8, 8)
 
 
+@pytest.mark.slow
 def test_untouched_student_version_scores_zero_on_the_exercise(graded):
     row = graded.loc["student.ipynb"]
     assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 0, 0)
     assert row.status == "error" and "NotImplementedError in cell 5" in row.reason
 
 
+@pytest.mark.slow
 def test_raising_submission_keeps_points_earned_before_the_error(graded):
     row = graded.loc["raises.ipynb"]
     assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 2, 2)
     assert row.status == "error" and row.reason == "RuntimeError in cell 7: my bug"
 
 
+@pytest.mark.slow
 def test_endless_loop_times_out_and_the_batch_goes_on(graded):
     row = graded.loc["loops.ipynb"]
     assert row.status == "timeout" and "timed out after 8 s in cell 5" in row.reason
     assert "TimeoutError" in row.feedback and row.total == 1  # hidden tests stopped first
 
 
+@pytest.mark.slow
 def test_forged_records_earn_nothing(graded):
     row = graded.loc["forged.ipynb"]
     assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 0, 0, 0)
@@ -120,6 +126,7 @@ def test_forged_records_earn_nothing(graded):
     assert "ignored 1 record(s)" in row.feedback
 
 
+@pytest.mark.slow
 def test_code_that_reaches_for_the_grader_is_flagged_and_not_run(graded):
     row = graded.loc["tampered.ipynb"]
     assert (row.status, row.total) == ("flagged", 0)
@@ -128,11 +135,13 @@ def test_code_that_reaches_for_the_grader_is_flagged_and_not_run(graded):
     assert row.feedback == ""
 
 
+@pytest.mark.slow
 def test_a_comment_in_a_record_cell_keeps_it_trusted(graded):
     row = graded.loc["commented.ipynb"]
     assert (row.status, row.total) == ("ok", 8)
 
 
+@pytest.mark.slow
 def test_a_hanging_hidden_test_fails_alone(graded):
     row = graded.loc["slow_hidden.ipynb"]
     assert (row.status, row.setup, row.add_n_4, row.add_hidden, row.add_floats) == \
@@ -140,6 +149,7 @@ def test_a_hanging_hidden_test_fails_alone(graded):
     assert "TimeoutError: took longer than 1 s" in row.feedback
 
 
+@pytest.mark.slow
 def test_csv_has_one_row_per_submission_and_a_column_per_check(graded):
     assert sorted(graded.index) == ["commented.ipynb", "forged.ipynb", "loops.ipynb",
                                     "raises.ipynb", "slow_hidden.ipynb", "solution.ipynb",
