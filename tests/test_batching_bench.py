@@ -72,7 +72,6 @@ def document(hf_engine):
                               continuous_engine="none", progress=False)
 
 
-@pytest.mark.slow
 def test_document_follows_the_bench_contract(document):
     assert document["bench"] == "batching" and document["engine"] == "hf"
     assert {"device", "model", "labkit_version", "created"} <= set(document)
@@ -91,14 +90,12 @@ def _run(document, name, workload, **key):
     return run
 
 
-@pytest.mark.slow
 def test_batch_16_gives_at_least_4x_the_tokens_per_s_of_batch_1(document):
     b1 = _run(document, "static", "fixed", batch_size=1)["output_tokens_per_s"]
     b16 = _run(document, "static", "fixed", batch_size=16)["output_tokens_per_s"]
     assert b16 >= 4 * b1, f"batch 16: {b16:.1f} tok/s, batch 1: {b1:.1f} tok/s"
 
 
-@pytest.mark.slow
 def test_dynamic_batcher_reaches_80_percent_of_static_on_the_same_requests(document):
     static = _run(document, "static", "fixed", batch_size=16)["output_tokens_per_s"]
     dynamic = _run(document, "dynamic", "fixed", concurrency=16)
