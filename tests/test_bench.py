@@ -152,7 +152,6 @@ def test_prompts_file_has_varied_lengths_and_categories():
     assert lengths[0] < 20 and lengths[-1] > 1000  # from "Hi" to a page of text
 
 
-@pytest.mark.slow
 def test_latency_bench_on_cpu_writes_the_contract(hf_engine, tmp_path):
     path = tmp_path / "latency.json"
     doc = latency.run_latency_bench(hf_engine, num_requests=2, prompt_lens=(8, 24), out_lens=(4,),
@@ -173,7 +172,6 @@ def test_latency_bench_on_cpu_writes_the_contract(hf_engine, tmp_path):
     assert abs(short["prompt_tokens"] - 8) <= 2 and abs(long["prompt_tokens"] - 24) <= 2
 
 
-@pytest.mark.slow
 def test_engine_sender_queueing_shows_in_ttft(hf_engine):
     # two clients, one engine thread: the second request waits for the first, and its TTFT
     # (measured from when it was sent) includes that wait
