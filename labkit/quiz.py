@@ -50,16 +50,19 @@ class Key:
     model_answer: str | None = None  # for the closing question: a short model answer
 
     def is_right(self, value) -> bool:
-        """Whether an answer matches: the same letter (any case) or a number within tolerance."""
+        """Whether an answer matches: the same letter (any case), or a number within
+        ``max(rel_tol * |answer|, abs_tol)`` of the answer."""
         if value is None:
             return False
         if self.kind == "choice":
             return str(value).strip().upper() == str(self.answer).upper()
         try:
-            return math.isclose(float(value), float(self.answer), rel_tol=self.rel_tol,
-                                abs_tol=self.abs_tol)
+            value = float(value)
         except (TypeError, ValueError):
             return False
+        answer = float(self.answer)
+        return math.isfinite(value) and \
+            abs(value - answer) <= max(self.rel_tol * abs(answer), self.abs_tol)
 
     def feedback(self, value) -> str:
         """What a student reads after answering ``value``: right or not, the right answer, why,
