@@ -1,4 +1,4 @@
-"""``labkit.quiz``: questions answered in a variable, keys from the rubric, feedback that teaches."""
+"""``labkit.quiz``: answers in a variable, keys from the rubric, feedback that teaches."""
 
 from __future__ import annotations
 
