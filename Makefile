@@ -28,7 +28,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # pass 10-20x slower. PASSIVE lets waiting threads sleep.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup lab test jupyter student clean
+.PHONY: setup lab test test-fast jupyter student clean
 
 setup: $(STAMP)
 	@$(VENV)/bin/labkit model smollm2-135m >/dev/null
@@ -46,6 +46,10 @@ lab: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The edit loop (under 2 minutes on 2 cores): no model load, kernel, notebook, Ray, uvicorn or Redis.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
 
 jupyter: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
