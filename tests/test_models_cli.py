@@ -67,6 +67,7 @@ def test_cli_generate_answers_paris_with_timings():
     assert "TTFT" in done.stdout and "tokens/s" in done.stdout
 
 
+@pytest.mark.slow  # doctor starts an embedded redis-server to ping it
 def test_cli_doctor_json_has_the_facts():
     done = _run(["doctor", "--json"])
     assert done.returncode == 0, done.stderr
