@@ -40,13 +40,13 @@ def test_200_concurrent_mixed_requests_each_get_their_own_completion(hf_engine):
     async def main():
         async with DynamicBatcher(hf_engine, max_batch_size=16, max_wait_ms=20) as batcher:
             results = await asyncio.gather(*(batcher.submit(r) for r in requests))
-            return results, batcher.stats()
+            return results, batcher.counters()
 
-    results, stats = asyncio.run(main())
+    results, counters = asyncio.run(main())
     assert len(results) == 200
     assert [c.request_id for c in results] == [r.request_id for r in requests]  # own, once each
     assert len({c.request_id for c in results}) == 200
-    assert stats["requests"] == 200 and stats["mean_batch_size"] > 1
+    assert counters["requests"] == 200 and counters["mean_batch_size"] > 1
     eos = hf_engine.tokenizer.eos_token_id
     for i, (req, got) in enumerate(zip(requests, results)):
         assert got.output_tokens <= req.max_tokens
@@ -121,10 +121,10 @@ def test_batches_respect_max_batch_size_and_wait():
     async def main():
         async with DynamicBatcher(engine, max_batch_size=8, max_wait_ms=50) as batcher:
             await asyncio.gather(*(batcher.submit(Request(prompt=str(i))) for i in range(20)))
-            return batcher.stats()
+            return batcher.counters()
 
-    stats = asyncio.run(main())
-    assert stats["batches"] == len(engine.batch_sizes)
+    counters = asyncio.run(main())
+    assert counters["batches"] == len(engine.batch_sizes)
     assert max(engine.batch_sizes) <= 8 and sum(engine.batch_sizes) == 20
     assert engine.batch_sizes[0] == 8  # 20 arrivals at once: the first batch fills up
 

@@ -23,7 +23,9 @@ from labkit.bench.caching import (
 )
 from labkit.engines.base import Request
 from labkit.serving import redis_server
-from labkit.serving.cache import AsyncResponseCache, LRUBackend, ResponseCache, cache_key
+from labkit.serving.cache import AsyncResponseCache, ResponseCache
+from labkit.serving.cache_backends import LRUBackend
+from labkit.serving.keys import cache_key
 from labkit.serving.redis_server import EmbeddedRedis, get_client
 
 pytest.importorskip("redis")
@@ -58,7 +60,7 @@ def q(prompt="What is the capital of France?", **kw) -> Request:
 # -- keys --------------------------------------------------------------------------------------
 KEY_SCRIPT = """
 from labkit.engines.base import Request
-from labkit.serving.cache import cache_key
+from labkit.serving.keys import cache_key
 prompt = "What is the capital of France?"
 print(cache_key("smollm2-135m", Request(prompt=prompt, max_tokens=16)))
 print(hash(prompt))
@@ -107,11 +109,12 @@ def test_lru_evicts_least_recently_used():
 def test_lru_ttl_with_simulated_clock():
     now = [0.0]
     cache = ResponseCache("m", LRUBackend(clock=lambda: now[0]), ttl_s=10)
-    cache.put(q(), VALUE)
+    key = cache.key(q())
+    cache.put(key, VALUE)
     now[0] = 9.9
-    assert cache.get(q()) == VALUE
+    assert cache.get(key) == VALUE
     now[0] = 10.0
-    assert cache.get(q()) is None
+    assert cache.get(key) is None
 
 
 def test_unknown_backend_names_the_choices():
@@ -122,12 +125,13 @@ def test_unknown_backend_names_the_choices():
 # -- Redis -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_hit_returns_json_value_and_counts(cache, server):
-    assert cache.get(q()) is None
-    assert cache.put(q(), VALUE)
-    assert cache.get(q()) == VALUE
-    raw = get_client(server.url).get(cache.key(q()))
+    key = cache.key(q())
+    assert cache.get(key) is None
+    assert cache.put(key, VALUE)
+    assert cache.get(key) == VALUE
+    raw = get_client(server.url).get(key)
     assert json.loads(raw) == VALUE  # plain JSON in Redis, readable by any language
-    s = cache.stats
+    s = cache.counters
     assert (s.hits, s.misses, s.tokens_saved) == (1, 1, 3)
     assert len(s.hit_latency_s) == 1 and 0 < s.hit_latency_s[0] < 0.5
 
@@ -135,43 +139,46 @@ def test_hit_returns_json_value_and_counts(cache, server):
 @pytest.mark.slow
 def test_sampled_requests_are_not_cached_unless_asked(cache, server):
     sampled = q(temperature=0.8, seed=7)
-    assert not cache.put(sampled, VALUE)
-    assert cache.get(sampled) is None and cache.stats.skipped == 1
+    assert cache.key(sampled) is None and cache.counters.skipped == 1  # no key: never stored
     opted_in = ResponseCache("smollm2-135m", url=server.url, cache_sampled=True)
-    assert opted_in.put(sampled, VALUE) and opted_in.get(sampled) == VALUE
+    key = opted_in.key(sampled)
+    assert opted_in.put(key, VALUE) and opted_in.get(key) == VALUE
 
 
 @pytest.mark.slow
 def test_redis_ttl_expiry(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ttl_s=0.3)
-    cache.put(q(), VALUE)
-    assert cache.get(q()) == VALUE
+    key = cache.key(q())
+    cache.put(key, VALUE)
+    assert cache.get(key) == VALUE
     time.sleep(0.45)
-    assert cache.get(q()) is None
+    assert cache.get(key) is None
 
 
 @pytest.mark.slow
 def test_sub_millisecond_ttl_is_stored_not_refused(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ttl_s=0.0004, ns="tiny-ttl")
+    key = cache.key(q())
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # PX 0 would be a Redis error -> a warning
-        assert cache.put(q(), VALUE)
+        assert cache.put(key, VALUE)
     time.sleep(0.01)
-    assert cache.get(q()) is None and cache.stats.errors == 0
+    assert cache.get(key) is None and cache.counters.errors == 0
 
 
 @pytest.mark.slow
 def test_unreadable_entry_or_redis_refusal_is_a_miss_not_a_crash(server):
     cache = ResponseCache("smollm2-135m", url=server.url, ns="damaged")
-    get_client(server.url).set(cache.key(q()), "{not json")
+    key = cache.key(q())
+    get_client(server.url).set(key, "{not json")
     with pytest.warns(RuntimeWarning, match="unreadable cache entry"):
-        assert cache.get(q()) is None
-    assert cache.stats.misses == 1
+        assert cache.get(key) is None
+    assert cache.counters.misses == 1
     # A server error other than a lost connection (here: a wrong-type key) fails open too.
-    get_client(server.url).delete(cache.key(q()))
-    get_client(server.url).lpush(cache.key(q()), "x")
+    get_client(server.url).delete(key)
+    get_client(server.url).lpush(key, "x")
     with pytest.warns(RuntimeWarning, match="WRONGTYPE"):
-        assert cache.get(q()) is None
+        assert cache.get(key) is None
     cache.clear()
 
 
@@ -179,11 +186,12 @@ def test_unreadable_entry_or_redis_refusal_is_a_miss_not_a_crash(server):
 def test_namespaces_keep_models_apart(server):
     a = ResponseCache("model-a", url=server.url)
     b = ResponseCache("model-b", url=server.url)
-    a.put(q(), VALUE)
-    assert b.get(q()) is None
-    b.put(q(), {**VALUE, "text": "b"})
+    key_a, key_b = a.key(q()), b.key(q())
+    a.put(key_a, VALUE)
+    assert b.get(key_b) is None
+    b.put(key_b, {**VALUE, "text": "b"})
     assert a.clear() == 1
-    assert a.get(q()) is None and b.get(q())["text"] == "b"
+    assert a.get(key_a) is None and b.get(key_b)["text"] == "b"
     b.clear()
 
 
@@ -192,10 +200,11 @@ def test_external_server_with_password_and_db():
     with EmbeddedRedis(password="pw") as ext:
         url = f"redis://:pw@127.0.0.1:{ext.port}/3"
         cache = ResponseCache("smollm2-135m", url=url)
-        cache.put(q(), VALUE)
-        assert cache.get(q()) == VALUE
-        assert get_client(url).exists(cache.key(q()))
-        assert not get_client(url.replace("/3", "/0")).exists(cache.key(q()))
+        key = cache.key(q())
+        cache.put(key, VALUE)
+        assert cache.get(key) == VALUE
+        assert get_client(url).exists(key)
+        assert not get_client(url.replace("/3", "/0")).exists(key)
 
 
 @pytest.mark.slow
@@ -203,20 +212,21 @@ def test_cache_fails_open_when_redis_dies():
     port = redis_server.free_port()
     srv = EmbeddedRedis(port=port).start()
     cache = ResponseCache("smollm2-135m", url=srv.url, retry_after_s=0.2)
+    key = cache.key(q())
     try:
-        cache.put(q(), VALUE)
-        assert cache.get(q()) == VALUE
+        cache.put(key, VALUE)
+        assert cache.get(key) == VALUE
         srv.stop()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            results = [cache.get(q()) for _ in range(5)] + [cache.put(q(), VALUE)]
+            results = [cache.get(key) for _ in range(5)] + [cache.put(key, VALUE)]
         assert results == [None] * 5 + [False]  # misses, the caller goes on to the engine
         assert len([w for w in caught if "unreachable" in str(w.message)]) == 1  # once per outage
         srv = EmbeddedRedis(port=port).start()  # back, same address, empty
         time.sleep(0.25)
-        assert cache.put(q(), VALUE)
-        assert cache.get(q()) == VALUE
-        assert cache.stats.outages == 1
+        assert cache.put(key, VALUE)
+        assert cache.get(key) == VALUE
+        assert cache.counters.outages == 1
     finally:
         srv.stop()
 
@@ -225,16 +235,17 @@ def test_cache_fails_open_when_redis_dies():
 def test_async_cache_hits_and_fails_open():
     async def scenario(srv):
         cache = AsyncResponseCache("smollm2-135m", url=srv.url, retry_after_s=0)
-        assert await cache.get(q()) is None
-        await cache.put(q(), VALUE)
-        assert await cache.get(q()) == VALUE
+        key = cache.key(q())
+        assert await cache.get(key) is None
+        await cache.put(key, VALUE)
+        assert await cache.get(key) == VALUE
         srv.stop()
         with pytest.warns(RuntimeWarning, match="unreachable"):
-            assert await cache.get(q()) is None
+            assert await cache.get(key) is None
         await cache.aclose()
         lru = AsyncResponseCache("m", "lru", capacity=4)
-        await lru.put(q(), VALUE)
-        return await lru.get(q())
+        await lru.put(lru.key(q()), VALUE)
+        return await lru.get(lru.key(q()))
 
     with EmbeddedRedis() as srv:
         assert asyncio.run(scenario(srv)) == VALUE

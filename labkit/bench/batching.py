@@ -155,11 +155,11 @@ def dynamic_run(engine: Engine, requests: Sequence[Request], concurrency: int,
         async with DynamicBatcher(engine, max_batch_size=max_batch_size,
                                   max_wait_ms=max_wait_ms) as batcher:
             result = await closed_loop(batcher.submit, requests, concurrency)
-            return result, batcher.stats()
+            return result, batcher.counters()
 
-    result, stats = run_sync(main())
+    result, counters = run_sync(main())
     return result.summary("dynamic", batch_size=None, max_batch_size=max_batch_size,
-                          max_wait_ms=max_wait_ms, mean_batch_size=stats["mean_batch_size"],
+                          max_wait_ms=max_wait_ms, mean_batch_size=counters["mean_batch_size"],
                           workload=workload)
 
 

@@ -18,7 +18,9 @@ import numpy as np
 
 from labkit.config import SEED
 from labkit.engines.base import Request
-from labkit.serving.cache import LRUBackend, ResponseCache, namespace
+from labkit.serving.cache import ResponseCache
+from labkit.serving.cache_backends import LRUBackend
+from labkit.serving.keys import namespace
 
 # -- workloads -------------------------------------------------------------------------------
 _TEMPLATES = ("What is the capital of {}?", "Name a traditional dish from {}.",
@@ -78,10 +80,10 @@ def simulate_hit_ratio(stream: Sequence[str], *, capacity: int | None = None,
     cache = ResponseCache("sim", LRUBackend(capacity, clock=lambda: clock[0]), ttl_s=ttl_s)
     for i, prompt in enumerate(stream):
         clock[0] = i / request_rate
-        request = Request(prompt=prompt, max_tokens=1)
-        if cache.get(request) is None:
-            cache.put(request, {"text": "", "token_ids": []})
-    return cache.stats.hit_ratio
+        key = cache.key(Request(prompt=prompt, max_tokens=1))
+        if cache.get(key) is None:
+            cache.put(key, {"text": "", "token_ids": []})
+    return cache.counters.hit_ratio
 
 
 def prefix_sharing_ttft(engine, *, num_requests: int = 8, prefix_sentences: int = 40,
@@ -154,14 +156,15 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
         for prompt in tqdm(stream, desc="cache bench", disable=not progress):
             request = Request(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
             t0 = time.perf_counter()
-            value = cache.get(request)
+            key = cache.key(request)
+            value = cache.get(key)
             if value is not None:
                 dt = time.perf_counter() - t0
                 records.append(PathRecord(dt, dt, len(value["token_ids"]), hit=True))
                 continue
             lookup = time.perf_counter() - t0
             done = engine.generate([request])[0]
-            cache.put(request, done)
+            cache.put(key, done)
             records.append(PathRecord(time.perf_counter() - t0,
                                       None if done.ttft_s is None else lookup + done.ttft_s,
                                       done.output_tokens, done.tpot_s, done.itl_s))

@@ -1,1 +1,31 @@
-"""serving"""
+"""serving: one request path from an HTTP request to the engine and back (labs 03, 05, 06).
+
+| module             | what it is |
+|--------------------|----------------------------------------|
+| ``service``        | ``InferenceService``: key once -> cache -> ``Batcher`` -> engine -> store |
+| ``batchers``       | the ``Batcher`` protocol, its defaults, ``DynamicBatcher``, ``Overloaded`` |
+| ``gate``           | ``ContinuousGate``: the batcher of continuous engines (hf-cb, vllm) |
+| ``serve_batcher``  | ``ServeBatcher``: Ray Serve's ``@serve.batch`` inside a replica |
+| ``keys``           | ``cache_key``: sha256 keys equal in every process (not ``hash()``) |
+| ``cache``          | the ``AsyncCache`` interface, ``ResponseCache``, ``AsyncResponseCache`` |
+| ``cache_backends`` | where entries live: in-process LRU, Redis (sync, asyncio) |
+| ``semantic``       | ``SemanticCache``: answers matched by meaning (MiniLM embeddings) |
+| ``redis_server``   | an embedded Redis that never outlives this process; ``get_client`` |
+| ``http``           | the OpenAI-compatible FastAPI front, ``serve``, ``BackgroundServer`` |
+| ``build``          | ``build_service``: engine + Redis cache + batcher -> ``InferenceService`` |
+| ``replica``        | one Ray Serve replica running the same service |
+| ``deploy``         | ``deploy``: replicas on Ray Serve sharing one Redis |
+| ``reference``      | the course page's reference service, defects and all (lab 05 measures them) |
+
+The names below load with ``import labkit.serving``, which imports no Ray, FastAPI or torch.
+"""
+
+from labkit.serving.batchers import Batcher, BatcherClosed, DynamicBatcher, Overloaded
+from labkit.serving.cache import AsyncResponseCache, ResponseCache
+from labkit.serving.gate import ContinuousGate
+from labkit.serving.keys import cache_key
+from labkit.serving.service import InferenceService, ServiceResponse, StreamEvent
+
+__all__ = ["AsyncResponseCache", "Batcher", "BatcherClosed", "ContinuousGate", "DynamicBatcher",
+           "InferenceService", "Overloaded", "ResponseCache", "ServiceResponse", "StreamEvent",
+           "cache_key"]

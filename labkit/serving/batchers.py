@@ -1,17 +1,32 @@
-"""``DynamicBatcher``: many concurrent callers, one engine, batches formed on the fly.
+"""Batchers: how concurrent requests reach one engine. One protocol, two implementations here.
 
-Each ``await batcher.submit(request)`` puts the request in a bounded queue and waits on its own
-future. A worker task takes the first waiting request, then keeps collecting until the batch
-holds ``max_batch_size`` requests or ``max_wait_ms`` has passed since that first one was queued,
-and runs ``engine.generate(batch)`` in a worker thread, so the event loop keeps accepting
-requests while the model runs. Each completion resolves exactly the future of the request it
-belongs to.
+``InferenceService`` hands every request that the cache did not answer to a ``Batcher``::
+
+    completion = await batcher.submit(request, on_delta)   # this request's own completion
+    batcher.queue_depth                                     # requests waiting to enter the engine
+    batcher.counters()                                      # metrics()["batching"]
+    await batcher.aclose(timeout_s)
+
+- ``DynamicBatcher`` (static engines, ``hf``): each ``submit`` puts the request in a bounded
+  queue and waits on its own future. A worker task takes the first waiting request, then keeps
+  collecting until the batch holds ``max_batch_size`` requests or ``max_wait_ms`` has passed
+  since that first one was queued, and runs ``engine.generate(batch)`` in a worker thread, so
+  the event loop keeps accepting requests while the model runs. Each completion resolves exactly
+  the future of the request it belongs to.
+- ``ContinuousGate`` (continuous engines, ``engine.continuous``: hf-cb, vllm): they schedule per
+  token step themselves, so requests go straight to the engine from a thread pool, at most
+  ``max_batch_size`` at a time and at most ``max_queue`` more waiting; a batcher in front would
+  only add waiting.
+- ``ServeBatcher`` (``labkit.serving.serve_batcher``): Ray Serve's ``@serve.batch``, inside a
+  replica.
 
 Knobs and their trade-off: a larger ``max_batch_size`` raises throughput until the device is
 saturated; a longer ``max_wait_ms`` fills batches under light load but adds that much latency to
-every request that waits. Requests with different sampling parameters may share a batch: the
+every request that waits. Their defaults (``MAX_BATCH_SIZE``, ``MAX_WAIT_MS``, ``MAX_QUEUE``)
+are defined here once. Requests with different sampling parameters may share a batch: the
 engine runs each parameter group with its own settings (the ``hf`` engine as separate
-``generate`` calls, continuous engines per request).
+``generate`` calls, continuous engines per request). A full queue is a clear ``Overloaded``
+error at once, not an unbounded wait.
 """
 
 from __future__ import annotations
@@ -21,8 +36,13 @@ import concurrent.futures
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from labkit.engines.base import Completion, Engine, Request, now
+
+MAX_BATCH_SIZE = 16  # requests in one engine call (continuous engines: in the engine at once)
+MAX_WAIT_MS = 10.0  # how long a batch waits for more requests after its first one (ms)
+MAX_QUEUE = 1024  # requests waiting for the engine before new ones are rejected (Overloaded)
 
 
 class Overloaded(RuntimeError):
@@ -36,6 +56,44 @@ class BatcherClosed(RuntimeError):
 DeltaCallback = Callable[[str, float], None]  # (text_delta, t_s), called on the event loop
 
 
+class Batcher(Protocol):
+    """How ``InferenceService`` reaches the engine (see module doc)."""
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting to enter the engine."""
+
+    def counters(self) -> dict:
+        """``mode``, the knobs, ``mean_batch_size``, ``queue_depth`` and the batch counts."""
+
+    async def submit(self, request: Request, on_delta: DeltaCallback | None = None) -> Completion:
+        """Run ``request`` on the engine and return its completion; ``on_delta(text, t_s)`` is
+        called on the event loop for each new piece of text. Raises ``Overloaded`` or
+        ``BatcherClosed``."""
+
+    async def aclose(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting requests and give running ones up to ``timeout_s`` to finish."""
+
+
+def check_knobs(max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
+    """Raise ValueError naming the first knob out of range."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
+    if max_wait_ms < 0:
+        raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    if max_queue < 1:
+        raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
+
+
+def batch_counters(batch_sizes: list[int]) -> dict:
+    """``batches`` run, ``requests`` in them, ``mean_batch_size`` (requests; 0.0 before the
+    first batch) and ``batch_size_counts`` (size -> batches) of a list of engine-call sizes."""
+    n = len(batch_sizes)
+    return {"batches": n, "requests": sum(batch_sizes),
+            "mean_batch_size": sum(batch_sizes) / n if n else 0.0,
+            "batch_size_counts": dict(sorted(Counter(batch_sizes).items()))}
+
+
 @dataclass
 class _Item:
     request: Request
@@ -47,14 +105,9 @@ class _Item:
 class DynamicBatcher:
     """Collects concurrent requests into batches for one engine (see module doc)."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, max_wait_ms: float = 10.0,
-                 max_queue: int = 1024) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
+    def __init__(self, engine: Engine, max_batch_size: int = MAX_BATCH_SIZE,
+                 max_wait_ms: float = MAX_WAIT_MS, max_queue: int = MAX_QUEUE) -> None:
+        check_knobs(max_batch_size, max_wait_ms, max_queue)
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
@@ -73,12 +126,11 @@ class DynamicBatcher:
         """Requests waiting for a batch (not counting the batch that is running)."""
         return len(self._pending)
 
-    def stats(self) -> dict:
-        """Batches run, requests served, mean batch size, size histogram, queue depth."""
-        n = len(self.batch_sizes)
-        return {"batches": n, "requests": sum(self.batch_sizes),
-                "mean_batch_size": sum(self.batch_sizes) / n if n else 0.0,
-                "batch_size_counts": dict(sorted(Counter(self.batch_sizes).items())),
+    def counters(self) -> dict:
+        """Mode and knobs, batches run, requests served, mean batch size (requests), size
+        histogram, queue depth."""
+        return {"mode": "dynamic", "max_batch_size": self.max_batch_size,
+                "max_wait_ms": self.max_wait_ms, **batch_counters(self.batch_sizes),
                 "queue_depth": self.queue_depth}
 
     async def submit(self, request: Request, on_delta: DeltaCallback | None = None) -> Completion:

@@ -1,17 +1,22 @@
-"""Response caching: stable keys and an exact cache (Redis or in-process LRU); the workloads and
-the bench are in ``labkit.bench.caching``.
+"""The exact response cache: one model's answers by key, in Redis or an in-process LRU.
 
-Keys. ``cache_key`` is the sha256 of the canonical JSON (``sort_keys=True``, no spaces) of the
-model id, the prompt or messages, and every sampling parameter that changes the output. The same
-request gives the same key in every process and on every machine. Python's ``hash()`` does not:
-it is salted per process (``PYTHONHASHSEED``), so a ``hash()`` key written by one worker is never
-found by another. Layout: ``labkit:{namespace(model)}:{sha256}``, one namespace per model.
+Keys come from ``labkit.serving.keys`` (sha256, equal in every process); where entries live is
+``labkit.serving.cache_backends``; the caching lab's workloads and bench are in
+``labkit.bench.caching``.
 
-Caches. ``ResponseCache`` (sync) and ``AsyncResponseCache`` (the same API with ``async def``
-methods, on ``redis.asyncio``, for the serving lab) share one core: TTL, hit/miss counters, hit
-lookup latency in seconds, values stored as JSON (text, token ids, finish reason), never pickle.
-Requests with ``temperature > 0`` are not cached unless ``cache_sampled=True``: caching a sample
-freezes it, and every later caller would get the same "random" answer.
+The interface (``AsyncCache``, what ``InferenceService`` uses)::
+
+    key = cache.key(request)           # str, or None: not cacheable (computed once per request)
+    value = await cache.get(key)       # the stored value dict, or None (a miss)
+    stored = await cache.put(key, completion)   # False when the backend is down
+    await cache.aclose()
+
+``ResponseCache`` (sync) and ``AsyncResponseCache`` (the same with ``async def`` methods, on
+``redis.asyncio``, for the serving lab) share one core: TTL, hit/miss counters
+(``cache.counters``), lookup latency in seconds, values stored as JSON (text, token ids, finish
+reason), never pickle. Requests with ``temperature > 0`` have no key unless
+``cache_sampled=True``: caching a sample freezes it, and every later caller would get the same
+"random" answer.
 
 Fail open. If Redis goes away, a lookup is a miss and a store is skipped; one warning per outage
 (not per call); after ``retry_after_s`` the next call tries Redis again, so the cache comes back
@@ -20,170 +25,43 @@ on its own when the server does.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import logging
-import math
-import re
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from labkit.engines.base import Completion, Request
+from labkit.serving.cache_backends import backend_errors, make_backend
+from labkit.serving.keys import cache_key, canonical_json, namespace
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("redis", "lru")
+
+class AsyncCache(Protocol):
+    """What ``InferenceService`` needs of a response cache (``AsyncResponseCache`` is one)."""
+
+    def key(self, request: Request) -> str | None:
+        """The request's key, or None when the request must not be cached."""
+
+    async def get(self, key: str) -> dict | None:
+        """The value stored under ``key`` (``completion_value``'s dict), or None: a miss."""
+
+    async def put(self, key: str, completion: Completion | dict) -> bool:
+        """Store a completion under ``key``; True when it was stored."""
+
+    async def aclose(self) -> None:
+        """Release the backend's connections."""
 
 
-# -- keys ------------------------------------------------------------------------------------
-def canonical_json(obj) -> str:
-    """The one JSON text of ``obj``: sorted keys, no spaces, UTF-8 kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def key_payload(model: str, request: Request) -> dict:
-    """What identifies a response: model id, prompt or messages, output-changing sampling params.
-
-    Numbers are normalised (``temperature=0`` and ``0.0`` are one key) and stop strings sorted.
-    """
-    return {
-        "model": model,
-        "prompt": request.prompt,
-        "messages": request.messages,
-        "max_tokens": int(request.max_tokens),
-        "temperature": float(request.temperature),
-        "top_p": float(request.top_p),
-        "seed": request.seed,
-        "stop": sorted(request.stop) if request.stop else None,
-        "ignore_eos": bool(request.ignore_eos),
-    }
-
-
-def namespace(model: str) -> str:
-    """Key namespace of a model id: ``meta-llama/Llama-3.1-8B`` -> ``meta-llama_Llama-3.1-8B``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", model)
-
-
-def cache_key(model: str, request: Request, ns: str | None = None) -> str:
-    """``labkit:{namespace}:{sha256 of canonical_json(key_payload(model, request))}``."""
-    digest = hashlib.sha256(canonical_json(key_payload(model, request)).encode()).hexdigest()
-    return f"labkit:{ns or namespace(model)}:{digest}"
-
-
-def eval_in_fresh_process(code: str, expr: str, *, pythonhashseed: int | str) -> str:
-    """Run ``code`` in a new Python process with ``PYTHONHASHSEED`` set; return ``str(expr)``.
-
-    Shows what another worker would compute: ``hash()`` differs, a sha256 key does not.
-    """
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONHASHSEED": str(pythonhashseed)}
-    script = f"{code}\nprint({expr})"
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=60)
-    if done.returncode:
-        raise RuntimeError(f"fresh process failed ({done.returncode}): {done.stderr[-800:]}")
-    return done.stdout.strip()
-
-
-# -- backends --------------------------------------------------------------------------------
-class LRUBackend:
-    """In-process LRU dict with optional ``capacity`` (entries) and per-entry TTL (seconds).
-
-    ``clock`` (default ``time.monotonic``) can be a simulated clock, for TTL experiments.
-    """
-
-    def __init__(self, capacity: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"capacity must be None (unbounded) or >= 1, got {capacity!r}")
-        self.capacity, self.clock = capacity, clock
-        self._data: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
-
-    def get(self, key: str) -> str | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        if item[1] <= self.clock():
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return item[0]
-
-    def set(self, key: str, value: str, ttl_s: float | None) -> None:
-        self._data[key] = (value, self.clock() + ttl_s if ttl_s else float("inf"))
-        self._data.move_to_end(key)
-        if self.capacity is not None and len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-
-    def clear(self, prefix: str) -> int:
-        doomed = [k for k in self._data if k.startswith(prefix)]
-        for k in doomed:
-            del self._data[k]
-        return len(doomed)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-class RedisBackend:
-    """Strings in Redis: ``SET key json PX ttl``; ``clear`` SCANs and deletes one namespace."""
-
-    def __init__(self, url: str | None = None, client=None) -> None:
-        from labkit.serving.redis_server import get_client
-
-        self.client = client or get_client(url)
-
-    def get(self, key: str) -> str | None:
-        value = self.client.get(key)
-        return value.decode() if isinstance(value, bytes) else value
-
-    def set(self, key: str, value: str, ttl_s: float | None) -> None:
-        self.client.set(key, value, px=_ttl_ms(ttl_s))
-
-    def clear(self, prefix: str) -> int:
-        keys = list(self.client.scan_iter(match=prefix + "*", count=1000))
-        return self.client.delete(*keys) if keys else 0
-
-
-def _ttl_ms(ttl_s: float | None) -> int | None:
-    """Redis's PX argument: whole milliseconds, at least 1 (PX 0 is an error)."""
-    return max(1, math.ceil(ttl_s * 1000)) if ttl_s else None
-
-
-class AsyncRedisBackend(RedisBackend):
-    """The same on ``redis.asyncio`` (every method is a coroutine)."""
-
-    def __init__(self, url: str | None = None, client=None) -> None:
-        from labkit.serving.redis_server import get_client
-
-        self.client = client or get_client(url, asyncio=True)
-
-    async def get(self, key: str) -> str | None:
-        value = await self.client.get(key)
-        return value.decode() if isinstance(value, bytes) else value
-
-    async def set(self, key: str, value: str, ttl_s: float | None) -> None:
-        await self.client.set(key, value, px=_ttl_ms(ttl_s))
-
-    async def clear(self, prefix: str) -> int:
-        keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
-        return await self.client.delete(*keys) if keys else 0
-
-
-# -- the cache -------------------------------------------------------------------------------
 @dataclass
-class CacheStats:
-    """Counters of one cache. Latencies are lookup times in seconds (key + fetch + decode)."""
+class CacheCounters:
+    """Counters of one cache. Latencies are lookup times in seconds (fetch + decode)."""
 
     hits: int = 0
     misses: int = 0
-    skipped: int = 0  # not cacheable (sampled requests without cache_sampled)
+    skipped: int = 0  # not cacheable (sampled requests without cache_sampled): no key
     errors: int = 0  # backend calls that failed (each one answered as a miss / no store)
     outages: int = 0  # times the backend went from reachable to unreachable
     tokens_saved: int = 0  # output tokens served from the cache instead of generated
@@ -215,7 +93,7 @@ def completion_from_value(request_id: str, value: dict, start_s: float, t_s: flo
 
 
 class _CacheCore:
-    """What the sync and async caches share: keys, the cacheable rule, stats, fail-open state."""
+    """What the sync and async caches share: keys, the cacheable rule, counters, fail-open state."""
 
     asynchronous = False  # which Redis client a backend name builds
 
@@ -227,12 +105,17 @@ class _CacheCore:
         self.model, self.ttl_s, self.cache_sampled = model, ttl_s, cache_sampled
         self.namespace = ns or namespace(model)
         self.retry_after_s = retry_after_s
-        self.stats = CacheStats()
+        self.counters = CacheCounters()
         self._down_since: float | None = None
         self._last_try = 0.0
-        self.backend = _make_backend(backend, url, capacity, asynchronous=self.asynchronous)
+        self.backend = make_backend(backend, url, capacity, asynchronous=self.asynchronous)
 
-    def key(self, request: Request) -> str:
+    def key(self, request: Request) -> str | None:
+        """The request's key in this cache's namespace, or None (counted as ``skipped``) when it
+        is not cacheable."""
+        if not self.cacheable(request):
+            self.counters.skipped += 1
+            return None
         return cache_key(self.model, request, self.namespace)
 
     def cacheable(self, request: Request) -> bool:
@@ -245,11 +128,11 @@ class _CacheCore:
             self.retry_after_s
 
     def _failed(self, exc: Exception) -> None:
-        self.stats.errors += 1
+        self.counters.errors += 1
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = self._last_try
-            self.stats.outages += 1
+            self.counters.outages += 1
             msg = (f"cache backend unreachable or failing ({type(exc).__name__}: {exc}); "
                    "serving misses")
             log.warning(msg)
@@ -261,11 +144,12 @@ class _CacheCore:
                         time.monotonic() - self._down_since)
             self._down_since = None
 
-    def _record(self, raw: str | None, t0: float) -> dict | None:
+    def _tally(self, raw: str | None, t0: float) -> dict | None:
+        """Decode a fetched entry and count the lookup (started at ``t0``) as a hit or a miss."""
         dt = time.perf_counter() - t0
         if raw is None:
-            self.stats.misses += 1
-            self.stats.miss_latency_s.append(dt)
+            self.counters.misses += 1
+            self.counters.miss_latency_s.append(dt)
             return None
         try:
             value = json.loads(raw)
@@ -274,12 +158,12 @@ class _CacheCore:
         except ValueError as exc:  # a foreign or damaged entry: a miss, never a crash
             warnings.warn(f"ignoring an unreadable cache entry ({exc}); treated as a miss",
                           RuntimeWarning, stacklevel=3)
-            self.stats.misses += 1
-            self.stats.miss_latency_s.append(dt)
+            self.counters.misses += 1
+            self.counters.miss_latency_s.append(dt)
             return None
-        self.stats.hits += 1
-        self.stats.hit_latency_s.append(dt)
-        self.stats.tokens_saved += len(value.get("token_ids", ()))
+        self.counters.hits += 1
+        self.counters.hit_latency_s.append(dt)
+        self.counters.tokens_saved += len(value.get("token_ids", ()))
         return value
 
     def _encode(self, completion: Completion | dict) -> str:
@@ -290,55 +174,35 @@ class _CacheCore:
         return f"labkit:{self.namespace}:"
 
 
-def _make_backend(backend, url, capacity, asynchronous: bool):
-    if not isinstance(backend, str):
-        return backend
-    if backend == "lru":
-        return LRUBackend(capacity)
-    if backend == "redis":
-        return AsyncRedisBackend(url) if asynchronous else RedisBackend(url)
-    raise ValueError(f"unknown cache backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-
-
-def _backend_errors() -> tuple[type[Exception], ...]:
-    import redis
-
-    # Every Redis error, not just a lost connection: a READONLY replica or an OOM refusal must
-    # not fail the request either.
-    return (redis.RedisError, OSError)
-
-
 class ResponseCache(_CacheCore):
-    """Exact response cache for one model: ``get(request)`` -> value dict or None; ``put``.
+    """Exact response cache for one model: ``key(request)``, ``get(key)`` -> value dict or None,
+    ``put(key, completion)``.
 
     ``backend``: ``"redis"`` (``url`` or ``redis_url()``), ``"lru"`` (in-process, ``capacity``
     entries) or a backend object. ``ttl_s``: seconds an entry lives (None: forever).
     """
 
-    def get(self, request: Request) -> dict | None:
-        """The cached value, or None (miss, not cacheable, or backend down: fail open)."""
-        if not self.cacheable(request):
-            self.stats.skipped += 1
-            return None
+    def get(self, key: str) -> dict | None:
+        """The cached value, or None (miss, or backend down: fail open)."""
         t0 = time.perf_counter()
         raw = None
         if not self._skip_backend():
             try:
-                raw = self.backend.get(self.key(request))
+                raw = self.backend.get(key)
                 self._ok()
-            except _backend_errors() as exc:
+            except backend_errors() as exc:
                 self._failed(exc)
-        return self._record(raw, t0)
+        return self._tally(raw, t0)
 
-    def put(self, request: Request, completion: Completion | dict) -> bool:
-        """Store a completion; False when not cacheable or the backend is down."""
-        if not self.cacheable(request) or self._skip_backend():
+    def put(self, key: str, completion: Completion | dict) -> bool:
+        """Store a completion; False when the backend is down."""
+        if self._skip_backend():
             return False
         try:
-            self.backend.set(self.key(request), self._encode(completion), self.ttl_s)
+            self.backend.set(key, self._encode(completion), self.ttl_s)
             self._ok()
             return True
-        except _backend_errors() as exc:
+        except backend_errors() as exc:
             self._failed(exc)
             return False
 
@@ -348,7 +212,8 @@ class ResponseCache(_CacheCore):
 
 
 class AsyncResponseCache(_CacheCore):
-    """``ResponseCache`` with coroutine methods (``await cache.get(request)``), on redis.asyncio."""
+    """``ResponseCache`` with coroutine methods (``await cache.get(key)``), on redis.asyncio; an
+    ``AsyncCache``."""
 
     asynchronous = True
 
@@ -356,36 +221,34 @@ class AsyncResponseCache(_CacheCore):
         out = fn(*args)
         return await out if hasattr(out, "__await__") else out  # the LRU backend is sync
 
-    async def get(self, request: Request) -> dict | None:
-        if not self.cacheable(request):
-            self.stats.skipped += 1
-            return None
+    async def get(self, key: str) -> dict | None:
+        """The cached value, or None (miss, or backend down: fail open)."""
         t0 = time.perf_counter()
         raw = None
         if not self._skip_backend():
             try:
-                raw = await self._call(self.backend.get, self.key(request))
+                raw = await self._call(self.backend.get, key)
                 self._ok()
-            except _backend_errors() as exc:
+            except backend_errors() as exc:
                 self._failed(exc)
-        return self._record(raw, t0)
+        return self._tally(raw, t0)
 
-    async def put(self, request: Request, completion: Completion | dict) -> bool:
-        if not self.cacheable(request) or self._skip_backend():
+    async def put(self, key: str, completion: Completion | dict) -> bool:
+        """Store a completion; False when the backend is down."""
+        if self._skip_backend():
             return False
         try:
-            await self._call(self.backend.set, self.key(request), self._encode(completion),
-                             self.ttl_s)
+            await self._call(self.backend.set, key, self._encode(completion), self.ttl_s)
             self._ok()
             return True
-        except _backend_errors() as exc:
+        except backend_errors() as exc:
             self._failed(exc)
             return False
 
     async def clear(self) -> int:
+        """Delete this namespace's entries; returns how many."""
         return await self._call(self.backend.clear, self.prefix)
 
     async def aclose(self) -> None:
-        client = getattr(self.backend, "client", None)
-        if client is not None:
-            await client.aclose()
+        """Close the backend's connections."""
+        await self._call(self.backend.close)

@@ -1,10 +1,11 @@
 """Scale out: ``InferenceService`` replicas behind Ray Serve, one Redis key space for all of them.
 
 ``deploy()`` starts (or joins) Ray, starts Serve's HTTP proxy on ``127.0.0.1:http_port``, starts
-one embedded Redis server in this (driver) process, and runs ``replicas`` copies of the service.
-Each replica builds its own engine and ``InferenceService``
-(``labkit.serving.http.build_service``) and serves ``labkit.serving.http.create_app``'s
-OpenAI-compatible routes through Serve's FastAPI ingress, so ``openai.AsyncOpenAI(base_url=deployment.base_url)`` works unchanged. The proxy spreads
+one embedded Redis server in this (driver) process, and runs ``replicas`` copies of the service
+(``labkit.serving.replica.LabkitReplica``). Each replica builds its own engine and
+``InferenceService`` (``labkit.serving.build.build_service``) and serves
+``labkit.serving.http.create_app``'s OpenAI-compatible routes through Serve's FastAPI ingress,
+so ``openai.AsyncOpenAI(base_url=deployment.base_url)`` works unchanged. The proxy spreads
 requests over replicas; every replica reads and writes the same Redis with the same sha256
 keys, so an answer generated on one replica is a cache hit on the others (``hash()`` keys would
 differ per process and every replica would miss).
@@ -18,8 +19,9 @@ sent at once; the old ``max_concurrent_queries`` was removed and is now a TypeEr
 ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
 ``upscale_delay_s``, ``downscale_delay_s``), ``ray_actor_options`` (``num_gpus=1``: one replica
 per GPU; fractional ``num_cpus`` on a CPU) and ``@serve.batch`` (``batcher="serve"``: Serve's
-batcher instead of labkit's ``DynamicBatcher``). A replica never holds more than
-``max_ongoing_requests`` requests, so no batcher inside it can form a larger batch.
+batcher, ``labkit.serving.serve_batcher.ServeBatcher``, instead of labkit's). A replica never
+holds more than ``max_ongoing_requests`` requests, so no batcher inside it can form a larger
+batch.
 
 Ray, Serve, FastAPI and redis are imported inside functions: ``import labkit.serving.deploy`` is
 cheap.
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 
 from labkit.config import DEFAULT_MODEL, choose
 from labkit.processes import best_effort, ray_processes, wait_gone
+from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from labkit.serving.replica import LabkitReplica, board_key
 
 BATCHERS = ("labkit", "serve")
@@ -45,9 +48,6 @@ APP_NAME = "labkit"
 DEPLOYMENT_NAME = "LabkitReplica"
 AUTOSCALING_METRICS_INTERVAL_S = 1.0  # load reports to the autoscaler (Ray's default: 10 s)
 _serve_http: tuple[str, int] | None = None  # (host, port) of the Serve proxy deploy() started
-
-
-# --- the replica ---------------------------------------------------------------------------------
 
 
 # --- deploy and shut down ------------------------------------------------------------------------
@@ -127,8 +127,9 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
            num_gpus_per_replica: float | None = None, num_cpus_per_replica: float | None = None,
            max_ongoing_requests: int = 32, max_queued_requests: int = -1,
            autoscaling: Mapping | None = None, redis_url: str | None = None, cache: bool = True,
-           batcher: str = "labkit", max_batch_size: int = 16, max_wait_ms: float = 10.0,
-           max_queue: int = 1024, host: str = "127.0.0.1", http_port: int | None = None,
+           batcher: str = "labkit", max_batch_size: int = MAX_BATCH_SIZE,
+           max_wait_ms: float = MAX_WAIT_MS, max_queue: int = MAX_QUEUE,
+           host: str = "127.0.0.1", http_port: int | None = None,
            app_name: str = APP_NAME, ray_num_cpus: int | None = None,
            engine_kwargs: Mapping | None = None) -> ServeDeployment:
     """Run ``replicas`` copies of the service on Ray Serve; returns a ``ServeDeployment``.
@@ -143,11 +144,12 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
     the config's ``metrics_interval_s``, which it marks deprecated in favour of environment
     variables that its router and replicas do not read yet). ``redis_url``: a shared
     server; None starts one embedded Redis here for all replicas. ``batcher``: ``"labkit"``
-    (``DynamicBatcher``) or ``"serve"`` (``@serve.batch``); both use ``max_batch_size`` and
-    ``max_wait_ms``. Ray is started here (``ray_num_cpus`` logical CPUs, no dashboard) unless
-    it is already running (``start_ray``); then ``shutdown()`` deletes only this application
-    and later deployments reuse Serve's proxy (same port) until ``stop_ray()``. A Redis server
-    is always used: the cache (``cache=True``) and the board replicas publish metrics to.
+    (``DynamicBatcher``, or ``ContinuousGate`` for a continuous engine) or ``"serve"``
+    (``@serve.batch``); both use ``max_batch_size`` and ``max_wait_ms``. Ray is started here
+    (``ray_num_cpus`` logical CPUs, no dashboard) unless it is already running (``start_ray``);
+    then ``shutdown()`` deletes only this application and later deployments reuse Serve's proxy
+    (same port) until ``stop_ray()``. A Redis server is always used: the cache (``cache=True``)
+    and the board replicas publish metrics to.
     """
     import ray
     from ray import serve
@@ -224,9 +226,6 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
                            owns_ray, config, ray_processes() if owns_ray else set())
 
 
-# --- autoscaling under a load step ---------------------------------------------------------------
-
-
 def serve_ray(model: str = DEFAULT_MODEL, engine: str = "auto", replicas: int = 2,
               host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
     """``labkit serve --ray --replicas N``: deploy, print the URL, block until Ctrl-C, shut down.
@@ -279,7 +278,7 @@ def stop_ray() -> list[int]:
     return wait_gone(pids)
 
 
-# --- processes -----------------------------------------------------------------------------------
+# --- Ray's warnings -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_autoscaling_config():
     """Setting ``metrics_interval_s`` (see ``deploy``) is the only way Ray 2.60 changes the push

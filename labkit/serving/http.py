@@ -36,7 +36,14 @@ from pydantic import BaseModel, Field
 
 from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from labkit.engines.base import Request
-from labkit.serving.batchers import BatcherClosed, Overloaded
+from labkit.serving.batchers import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE,
+    MAX_WAIT_MS,
+    BatcherClosed,
+    Overloaded,
+)
+from labkit.serving.build import build_service
 from labkit.serving.service import InferenceService
 
 MAX_TOKENS_LIMIT = 4096
@@ -256,7 +263,7 @@ def create_app(service: InferenceService, model_name: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served, "engine": getattr(service.engine, "name", "?")}
+        return {"status": "ok", "model": served, "engine": service.engine.name}
 
     @app.get("/metrics")
     async def metrics():
@@ -266,31 +273,10 @@ def create_app(service: InferenceService, model_name: str | None = None):
 
 
 # --- running it ------------------------------------------------------------------------------
-def build_service(engine="auto", model: str = DEFAULT_MODEL, cache: bool = True, *,
-                  redis_url: str | None = None, max_batch_size: int = 16,
-                  max_wait_ms: float = 10.0, max_queue: int = 1024, warmup: bool = True,
-                  **engine_kwargs) -> InferenceService:
-    """An engine (a name for ``get_engine`` or an Engine) behind an ``InferenceService``, with
-    the exact Redis cache (embedded server unless ``redis_url``/``$REDIS_URL``) when ``cache``."""
-    from labkit.engines import Engine, get_engine
-
-    eng = engine if isinstance(engine, Engine) else get_engine(engine, model=model,
-                                                               **engine_kwargs)
-    if warmup:
-        eng.warmup()
-    response_cache = None
-    if cache:
-        from labkit.serving.cache import AsyncResponseCache
-
-        response_cache = AsyncResponseCache(model, "redis", url=redis_url)
-    return InferenceService(eng, response_cache, model_name=model, max_batch_size=max_batch_size,
-                            max_wait_ms=max_wait_ms, max_queue=max_queue)
-
-
 def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0.1",
           port: int = 8000, cache: bool = True, *, redis_url: str | None = None,
-          max_batch_size: int = 16, max_wait_ms: float = 10.0, max_queue: int = 1024,
-          log_level: str = "info", **engine_kwargs) -> None:
+          max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = MAX_WAIT_MS,
+          max_queue: int = MAX_QUEUE, log_level: str = "info", **engine_kwargs) -> None:
     """Run the OpenAI-compatible server in the foreground until Ctrl-C (``labkit serve``).
 
     Binds ``127.0.0.1`` by default: pass ``host="0.0.0.0"`` only on a trusted network, the

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from labkit.config import DATA_DIR
-from labkit.serving.cache import CacheStats, canonical_json, namespace
+from labkit.serving.cache import CacheCounters
+from labkit.serving.keys import canonical_json, namespace
 
 PAIRS_PATH = DATA_DIR / "paraphrase_pairs.jsonl"
 
@@ -99,7 +100,7 @@ class SemanticCache:
         self.client = client or get_client(url)
         self.namespace = ns or namespace(model)
         self.index = f"labkit:{self.namespace}:sem-index"
-        self.stats = CacheStats()
+        self.counters = CacheCounters()
 
     def _entry(self, prompt: str) -> str:
         return f"labkit:{self.namespace}:sem:{hashlib.sha256(prompt.encode()).hexdigest()}"
@@ -124,11 +125,11 @@ class SemanticCache:
             hit = None
         dt = time.perf_counter() - t0
         if hit is None:
-            self.stats.misses += 1
-            self.stats.miss_latency_s.append(dt)
+            self.counters.misses += 1
+            self.counters.miss_latency_s.append(dt)
         else:
-            self.stats.hits += 1
-            self.stats.hit_latency_s.append(dt)
+            self.counters.hits += 1
+            self.counters.hit_latency_s.append(dt)
         return hit
 
     def nearest(self, prompt: str) -> SemanticHit | None:
