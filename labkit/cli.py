@@ -10,6 +10,7 @@ import json
 import sys
 
 from labkit.config import DEFAULT_MAX_TOKENS, ENGINES
+from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 
 
 def _cmd_doctor(args) -> int:
@@ -163,8 +164,8 @@ def _cmd_serve(args) -> int:
         from labkit.serving.deploy import serve_ray
 
         serve_ray(model=args.model, engine=args.engine, replicas=args.replicas, host=args.host,
-                  port=args.port, max_batch_size=args.max_batch_size,
-                  max_wait_ms=args.max_wait_ms)
+                  port=args.port, cache=not args.no_cache, max_batch_size=args.max_batch_size,
+                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
         return 0
     from labkit.serving.http import serve
 
@@ -267,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--no-cache", action="store_true", help="no Redis response cache")
-    p.add_argument("--max-batch-size", type=COUNT, default=16)
-    p.add_argument("--max-wait-ms", type=_number(float, at_least=0), default=10.0)
-    p.add_argument("--max-queue", type=COUNT, default=1024, help="waiting requests before 503")
+    p.add_argument("--max-batch-size", type=COUNT, default=MAX_BATCH_SIZE)
+    p.add_argument("--max-wait-ms", type=_number(float, at_least=0), default=MAX_WAIT_MS)
+    p.add_argument("--max-queue", type=COUNT, default=MAX_QUEUE, help="waiting requests before 503")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead")
     p.add_argument("--replicas", type=COUNT, default=2, help="--ray: replica count")
     p.set_defaults(func=_cmd_serve)
