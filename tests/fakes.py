@@ -3,20 +3,20 @@
 ``FakeEngine`` "decodes" a reply built from each request's prompt, one step per token for the
 whole batch (like a static batch), calling ``on_token`` like a real engine. Its knobs:
 
-| knob         | default        | what it does                                                    |
-|--------------|----------------|-----------------------------------------------------------------|
-| ``reply``    | ``"{prompt}"`` | the answer; ``{prompt}`` is the prompt (or the last chat        |
-|              |                | message); cut at the request's ``stop`` strings                 |
-| ``tokens``   | ``None``       | ``None``: one token per word of the reply, streamed word by     |
-|              |                | word; ``n``: ``n`` tokens, the whole reply in the first one.    |
-|              |                | Never more than the request's ``max_tokens``                    |
-| ``delay_s``  | ``0.0``        | seconds slept once per call before the first step (a prefill)   |
-| ``step_s``   | ``0.01``       | seconds slept before each decode step (one token per sequence)  |
-| ``held``     | ``False``      | start with ``gate`` closed: calls wait until ``gate.set()``     |
-| ``continuous``| ``False``     | the ``Engine.continuous`` flag the service dispatches on        |
-| ``oom_at``   | ``None``       | a call of this many requests or more raises CUDA OOM            |
-| ``tokenizer``| ``None``       | a real tokenizer, for code that counts prompt tokens            |
-| ``model``    | ``"fake"``     | ``Engine.model_name``                                           |
+| knob           | default        | what it does                                            |
+|----------------|----------------|---------------------------------------------------------|
+| ``reply``      | ``"{prompt}"`` | the answer; ``{prompt}``: the prompt or the last chat   |
+|                |                | message; cut at the request's ``stop`` strings          |
+| ``tokens``     | ``None``       | ``None``: one token per word of the reply (streams word |
+|                |                | by word); ``n``: ``n`` tokens, the reply in the first;  |
+|                |                | never more than the request's ``max_tokens``            |
+| ``delay_s``    | ``0.0``        | seconds slept once per call, before the first step      |
+| ``step_s``     | ``0.01``       | seconds slept before each decode step (all sequences)   |
+| ``held``       | ``False``      | ``gate`` starts closed: calls wait for ``gate.set()``   |
+| ``continuous`` | ``False``      | the ``Engine.continuous`` flag the service reads        |
+| ``oom_at``     | ``None``       | a call of this many requests or more raises CUDA OOM    |
+| ``tokenizer``  | ``None``       | a real tokenizer, for code that counts prompt tokens    |
+| ``model``      | ``"fake"``     | ``Engine.model_name``                                   |
 
 What it records: ``batch_sizes`` (requests per call, in call order), ``received`` (every
 request, in arrival order), ``running`` / ``most_running`` (requests inside ``generate`` now /
