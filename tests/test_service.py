@@ -13,6 +13,7 @@ from labkit.engines.base import encode_request
 from labkit.equivalence import assert_same_or_near_tie
 from labkit.serving.batchers import BatcherClosed, Overloaded
 from labkit.serving.cache import AsyncResponseCache
+from labkit.serving.gate import ContinuousGate
 from labkit.serving.service import InferenceService
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "winter", "trains", "music", "salt",
@@ -273,3 +274,141 @@ def test_use_cache_false_runs_the_engine_without_sharing_or_storing():
     assert not after_bypass.cache_hit          # the bypassed runs stored nothing
     assert sum(engine.batch_sizes) == 4 and m["coalesced"] == 0
     assert (m["not_cached"], m["cache_misses"]) == (3, 1)
+
+
+# --- one request path, a pluggable batcher ------------------------------------------------------
+class KeyCountingCache(AsyncResponseCache):
+    """The LRU cache, counting ``key`` calls: the service must compute each request's key once."""
+
+    key_calls = 0
+
+    def key(self, request):
+        self.key_calls += 1
+        return super().key(request)
+
+
+def test_the_key_is_computed_once_per_request():
+    engine = FakeEngine(step_s=0.02)
+    cache = KeyCountingCache("smollm2-135m", "lru")
+
+    async def main():
+        async with InferenceService(engine, cache, max_wait_ms=0) as service:
+            same = lambda: Request(prompt="one key each", max_tokens=3)  # noqa: E731
+            await asyncio.gather(*(service.handle(same()) for _ in range(3)))  # miss + 2 joined
+            hit = await service.handle(same())
+            await service.handle(Request(prompt="sampled words", temperature=0.9, seed=1))
+            await service.handle(same(), use_cache=False)  # no cache: no key at all
+            return hit, service.metrics()
+
+    hit, m = asyncio.run(main())
+    assert hit.cache_hit and (m["coalesced"], m["not_cached"]) == (2, 2)
+    assert cache.key_calls == 5  # 6 requests, one without the cache
+    assert cache.counters.skipped == 1  # the sampled request: its key is None
+    assert sum(engine.batch_sizes) == 3  # the shared miss, the sampled one, the bypass
+
+
+@pytest.mark.parametrize("continuous, mode", [(False, "dynamic"), (True, "continuous")])
+def test_one_handle_serves_static_and_continuous_engines(continuous, mode):
+    engine = FakeEngine(step_s=0.01, continuous=continuous)
+    prompts = [f"p{i} x y" for i in range(6)]
+
+    async def main():
+        async with InferenceService(engine, lru_cache(), max_batch_size=4) as service:
+            first = await asyncio.gather(*(service.handle(Request(prompt=p)) for p in prompts))
+            again = await asyncio.gather(*(service.handle(Request(prompt=p)) for p in prompts))
+            return first, again, service.metrics()
+
+    first, again, m = asyncio.run(main())
+    assert [r.text for r in first] == [r.text for r in again] == prompts
+    assert not any(r.cache_hit for r in first) and all(r.cache_hit for r in again)
+    assert m["batching"]["mode"] == mode and m["batching"]["requests"] == 6
+    assert sum(engine.batch_sizes) == 6 and engine.most_running <= 4
+    # a continuous engine gets single requests and batches them itself; a static one, batches
+    assert (set(engine.batch_sizes) == {1}) if continuous else max(engine.batch_sizes) > 1
+
+
+def test_batching_off_is_one_request_per_call_even_for_a_continuous_engine():
+    engine = FakeEngine(continuous=True)
+
+    async def main():
+        async with InferenceService(engine, batching=False) as service:
+            await asyncio.gather(*(service.handle(Request(prompt=f"b{i}")) for i in range(4)))
+            return service.metrics()["batching"]
+
+    batching = asyncio.run(main())
+    assert (batching["mode"], batching["max_batch_size"]) == ("dynamic", 1)
+    assert engine.batch_sizes == [1, 1, 1, 1] and engine.most_running == 1
+
+
+def test_continuous_gate_bounds_the_queue_and_rejects_beyond_it():
+    engine = FakeEngine(held=True, continuous=True)
+
+    async def main():
+        async with ContinuousGate(engine, max_batch_size=2, max_queue=3) as gate:
+            tasks = [asyncio.create_task(gate.submit(Request(prompt=f"g{i}"))) for i in range(5)]
+            await asyncio.sleep(0.1)  # 2 in the engine (held at its gate), 3 waiting
+            counters = gate.counters()
+            with pytest.raises(Overloaded, match="max_queue=3"):
+                await gate.submit(Request(prompt="one too many"))
+            engine.gate.set()
+            done = await asyncio.gather(*tasks)
+            return counters, done, gate.counters()
+
+    counters, done, after = asyncio.run(asyncio.wait_for(main(), 20))
+    assert (counters["in_flight"], counters["queue_depth"]) == (2, 3)
+    assert [c.text for c in done] == [f"g{i}" for i in range(5)]
+    assert (after["in_flight"], after["queue_depth"], after["requests"]) == (0, 0, 5)
+    assert engine.most_running == 2
+
+
+def test_a_cancelled_caller_frees_its_gate_slot_only_when_the_engine_finishes():
+    engine = FakeEngine(held=True, continuous=True)
+
+    async def main():
+        async with ContinuousGate(engine, max_batch_size=1) as gate:
+            leaver = asyncio.create_task(gate.submit(Request(prompt="leaves early")))
+            await asyncio.sleep(0.05)  # in the engine, held
+            waiter = asyncio.create_task(gate.submit(Request(prompt="waits its turn")))
+            await asyncio.sleep(0.05)
+            leaver.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaver
+            await asyncio.sleep(0.1)
+            # The engine still runs the leaver's request: its slot is not free yet.
+            held = (waiter.done(), gate.counters()["in_flight"], gate.queue_depth)
+            engine.gate.set()
+            return held, await waiter
+
+    held, completion = asyncio.run(asyncio.wait_for(main(), 20))
+    assert held == (False, 1, 1)
+    assert completion.text == "waits its turn" and engine.most_running == 1
+
+
+def test_the_replica_service_runs_the_same_path_with_serve_batch(monkeypatch):
+    """``ServeBatcher`` behind the same ``InferenceService``: batches formed by ``@serve.batch``
+    (outside a replica here: only the replica config it reads is stubbed), tokens streamed,
+    repeats served from the cache, metrics under the same keys."""
+    serve = pytest.importorskip("ray.serve")
+    from types import SimpleNamespace
+
+    from labkit.serving.serve_batcher import ServeBatcher
+
+    config = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: config)
+    engine = FakeEngine(step_s=0.01)
+    prompts = [f"s{i} a b" for i in range(12)]
+
+    async def main():
+        async with InferenceService(engine, lru_cache(),
+                                    batcher=ServeBatcher(engine, 8, 20.0)) as service:
+            out = await asyncio.gather(*(service.handle(Request(prompt=p)) for p in prompts))
+            events = [e async for e in service.stream(Request(prompt="x y z"))]
+            again = await service.handle(Request(prompt=prompts[0]))
+            return out, events, again, service.metrics()
+
+    out, events, again, m = asyncio.run(asyncio.wait_for(main(), 30))
+    assert [r.text for r in out] == prompts and again.cache_hit
+    assert [e.text for e in events] == ["x", " y", " z", ""]
+    assert m["batching"]["mode"] == "serve.batch" and max(engine.batch_sizes) <= 8
+    assert m["batching"]["requests"] == 13 and m["batching"]["mean_batch_size"] > 1
+    assert m["cache_hits"] == 1 and m["queue_depth"] == 0
