@@ -25,6 +25,7 @@ on its own when the server does.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -219,7 +220,7 @@ class AsyncResponseCache(_CacheCore):
 
     async def _call(self, fn, *args):
         out = fn(*args)
-        return await out if hasattr(out, "__await__") else out  # the LRU backend is sync
+        return await out if inspect.isawaitable(out) else out  # the LRU backend is sync
 
     async def get(self, key: str) -> dict | None:
         """The cached value, or None (miss, or backend down: fail open)."""

@@ -96,7 +96,8 @@ class ServeDeployment:
     def shutdown(self) -> list[int]:
         """Stop Serve, Ray (if ``deploy`` started it) and the embedded Redis; return the pids of
         processes this deployment started that are still alive (empty when all is clean)."""
-        self.pids |= ray_processes() | {p for p in (getattr(self.redis, "pid", None),) if p}
+        redis_pid = self.redis.pid if self.redis is not None else None
+        self.pids |= ray_processes() | ({redis_pid} if redis_pid else set())
         self.pids |= {m["pid"] for m in best_effort(self.replica_metrics, {}).values()
                       if "pid" in m}
         import ray
