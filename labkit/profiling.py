@@ -6,8 +6,8 @@
   only to show the trap. ``time_fn`` also warms up first, so lazy init and compilation stay out.
 - ``profile_ops``: torch.profiler's per-op table (time in ms) and an optional Chrome trace.
 - ``memory_stats``: CUDA allocated/peak bytes from torch, or the process RSS on CPU (/proc).
-- ``kv_cache_bytes_per_token``, ``weight_bytes``, ``decode_roofline``: decoding one token reads
-  every weight and the whole KV cache once, so memory bandwidth bounds tokens/s.
+- ``kv_cache_bytes_per_token``, ``decode_roofline``: decoding one token reads every weight
+  (``labkit.sizes.weight_bytes``) and the whole KV cache once, so memory bandwidth bounds tokens/s.
 - ``memory_bandwidth``: the datasheet HBM figure on a known GPU; on CPU (no spec table) a measured
   STREAM-like copy bandwidth from ``measure_memory_bandwidth``.
 
@@ -247,40 +247,6 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int | float) -> int:
     if dtype_bytes <= 0:
         raise ValueError(f"dtype_bytes must be > 0 (e.g. 2 for bf16), got {dtype_bytes!r}")
     return int(2 * layers * kv_heads * head_dim * dtype_bytes)
-
-
-def tensor_bytes(t) -> int:
-    """Bytes a tensor holds as stored. A tensor subclass (torchao's quantized weights) is the sum
-    of its inner tensors; a bitsandbytes weight adds its scales (int8 ``SCB``, NF4 ``absmax``)."""
-    import torch
-
-    if t is None:
-        return 0
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    total = t.numel() * t.element_size()
-    scb = getattr(t, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        total += scb.numel() * scb.element_size()
-    state = getattr(t, "quant_state", None)
-    while state is not None:  # NF4: absmax per block, itself quantized with double quantization
-        absmax = getattr(state, "absmax", None)
-        if isinstance(absmax, torch.Tensor):
-            total += absmax.numel() * absmax.element_size()
-        state = getattr(state, "state2", None)
-    return total
-
-
-def weight_bytes(model) -> int:
-    """Bytes of a model's parameters and buffers as stored (tied weights counted once; quantized
-    weights as ``tensor_bytes`` counts them, e.g. labkit's ``QuantLinear`` codes in buffers)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += tensor_bytes(t)
-    return total
 
 
 def kv_cache_tensor_bytes(past_key_values) -> int:

@@ -1,4 +1,4 @@
-"""Quantization from scratch (int8 per-tensor / per-channel, int4 group-wise) and library paths.
+"""Quantization from scratch: int8 per-tensor / per-channel, int4 group-wise, a QuantLinear layer.
 
 From scratch, for reading (all scales and zero points stored in fp16, 2 bytes each):
 
@@ -11,25 +11,24 @@ From scratch, for reading (all scales and zero points stored in fp16, 2 bytes ea
   codes are packed into one byte.
 
 ``QuantLinear`` really stores the int8 / packed int4 codes and dequantizes in ``forward`` (no
-fused kernel: it teaches bytes and error, not speed). ``weight_bytes`` counts the bytes the
-quantized linear layers hold (codes + scales + zero points), ``fp16_weight_bytes`` the same
-layers in fp16. The layers are the decoder's ``nn.Linear`` layers; ``lm_head`` is skipped by default
-(in SmolLM2 it is tied to the input embedding, and keeping it in full precision is usual).
+fused kernel: it teaches bytes and error, not speed); ``quantize_linears`` swaps it in for the
+layers ``target_linears`` names: the decoder's ``nn.Linear`` layers, ``lm_head`` skipped by
+default (in SmolLM2 it is tied to the input embedding, and keeping it in full precision is
+usual). ``labkit.sizes.weight_bytes(model, layers="linear")`` counts what those layers hold.
 
-Library paths live in ``METHODS`` (name -> ``Method``); ``labkit.bench.quant.run_quant_bench``
-measures each one (bytes, perplexity, decode tokens/s, agreement) as the ``quant`` bench JSON.
+Used by the quantization lab (lab 04). The library methods (torchao, bitsandbytes, vLLM fp8,
+the deprecated torch.ao path) and their registry are in ``labkit.quant_methods``;
+``labkit.bench.quant`` measures each one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from labkit.profiling import tensor_bytes
 
 INT8_QMAX = 127
 INT4_SYM_QMAX = 7
@@ -231,196 +230,9 @@ def quantize_linears(model: nn.Module, scheme: str = "int8-channel",
     return model
 
 
-def weight_bytes(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
-    """Bytes of the target linear layers' weights as stored now: codes, scales and zero points
-    for quantized ones (ours or torchao's), ``numel * element size`` for dense ones."""
-    total = 0
-    for mod in target_linears(model, skip).values():
-        total += mod.weight_nbytes() if isinstance(mod, QuantLinear) else tensor_bytes(mod.weight)
-    return total
-
-
-def fp16_weight_bytes(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> int:
-    """Bytes the same target layers' weights take in fp16: 2 * out_features * in_features."""
-    return sum(2 * m.out_features * m.in_features for m in target_linears(model, skip).values())
-
-
 def quantization_error(w: torch.Tensor, w_hat: torch.Tensor) -> dict[str, float]:
     """How far a dequantized weight is from the original: max and RMS absolute error, and the
     relative error ``||w - w_hat|| / ||w||`` (Frobenius norms)."""
     d = (w.float() - w_hat.float())
     return {"max_abs": float(d.abs().max()), "rms": float(d.pow(2).mean().sqrt()),
             "relative": float(d.norm() / w.float().norm().clamp_min(1e-30))}
-
-
-# --- the method registry ------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Method:
-    """One way to make a model smaller. ``can_run(device)`` returns None or why not;
-    ``apply(model)`` returns the quantized model (None for methods run inside an engine)."""
-
-    name: str
-    description: str
-    can_run: Callable[[torch.device], str | None]
-    apply: Callable[[nn.Module], nn.Module] | None = None
-    engine: str | None = None  # run inside this labkit engine instead (apply is None)
-    engine_kwargs: dict = field(default_factory=dict)
-
-
-def _always(device: torch.device) -> None:
-    return None
-
-
-def _needs(*, cuda: bool = False, cpu: bool = False, module: str | None = None,
-           pip: str | None = None):
-    def check(device: torch.device) -> str | None:
-        import importlib.util
-
-        if cuda and device.type != "cuda":
-            return f"needs a CUDA GPU (device here: {device.type})"
-        if cpu and device.type != "cpu":
-            return f"runs on CPU only (device here: {device.type})"
-        if module and importlib.util.find_spec(module) is None:
-            return f"needs the {module} package: pip install {pip or module}"
-        return None
-    return check
-
-
-class _EnumNoticeFilter:
-    """A logging filter dropping torch's 'is an Enum subclass and is now natively supported'."""
-
-    def filter(self, record) -> bool:
-        return "is an Enum subclass" not in record.getMessage()
-
-
-def import_torchao():
-    """``torchao.quantization``, imported with its import-time log lines (missing optional GPU
-    kernels, pytree deprecation notices) silenced: they are timestamped noise on CPU."""
-    import logging
-
-    # torchao registers enums with torch's pytree later too (when transformers loads a model);
-    # torch logs a deprecation line each time. Drop exactly that message, nothing else.
-    pytree = logging.getLogger("torch.utils._pytree")
-    if not any(isinstance(f, _EnumNoticeFilter) for f in pytree.filters):
-        pytree.addFilter(_EnumNoticeFilter())
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        import torchao.quantization as tq
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-    return tq
-
-
-def _torchao(config_name: str, dtype: torch.dtype | None = None,
-             **kwargs) -> Callable[[nn.Module], nn.Module]:
-    def apply(model: nn.Module) -> nn.Module:
-        tq = import_torchao()
-        if dtype is not None:  # e.g. int4 weight-only packs bf16 weights for its CUDA kernel
-            model = model.to(dtype)
-        targets = set(target_linears(model).values())
-        tq.quantize_(model, getattr(tq, config_name)(**kwargs),
-                     filter_fn=lambda mod, fqn: mod in targets)
-        return model
-    return apply
-
-
-def _scratch(scheme: str, group_size: int = DEFAULT_GROUP_SIZE):
-    return lambda model: quantize_linears(model, scheme, group_size)
-
-
-def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
-    def apply(model: nn.Module) -> nn.Module:
-        import bitsandbytes as bnb
-
-        model = model.to(torch.float16 if kind == "int8" else torch.bfloat16)
-        device = next(model.parameters()).device
-        for name, lin in list(target_linears(model).items()):
-            w = lin.weight.detach().to(torch.float16).cpu()
-            has_bias = lin.bias is not None  # Qwen2-style q/k/v biases must survive
-            if kind == "int8":
-                new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias,
-                                          has_fp16_weights=False, threshold=6.0)
-                new.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
-            else:
-                new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias,
-                                        compute_dtype=torch.bfloat16, quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
-            if has_bias:
-                new.bias = nn.Parameter(lin.bias.detach().to(model.dtype).cpu(),
-                                        requires_grad=False)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                    new.to(device))  # moving to the GPU is what quantizes the weight
-        return model
-    return apply
-
-
-def _legacy_dynamic(model: nn.Module) -> nn.Module:
-    """torch.ao's deprecated eager-mode dynamic int8 (per-tensor weights): a warning example."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torch.ao.quantization import quantize_dynamic
-
-        names = set(target_linears(model))
-        return quantize_dynamic(model.float(), {n: torch.ao.quantization.default_dynamic_qconfig
-                                                for n in names}, dtype=torch.qint8)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("fp32", "full precision (float32)", _always, lambda m: m.float()),
-    Method("bf16", "bfloat16 weights and activations", _always, lambda m: m.to(torch.bfloat16)),
-    Method("fp16", "float16 weights and activations", _always, lambda m: m.to(torch.float16)),
-    Method("int8-tensor", "from scratch: int8, one scale per tensor", _always,
-           _scratch("int8-tensor")),
-    Method("int8-channel", "from scratch: int8, one scale per output row", _always,
-           _scratch("int8-channel")),
-    Method("int4-g32", "from scratch: int4 asymmetric, groups of 32", _always, _scratch("int4")),
-    Method("int4-g32-sym", "from scratch: int4 symmetric, groups of 32", _always,
-           _scratch("int4-sym")),
-    Method("int4-g64", "from scratch: int4 asymmetric, groups of 64", _always,
-           _scratch("int4", 64)),
-    Method("int8-wo", "torchao int8 weight-only", _needs(module="torchao"),
-           _torchao("Int8WeightOnlyConfig")),
-    Method("int8-dyn", "torchao int8 dynamic activations, int8 weights",
-           _needs(module="torchao"), _torchao("Int8DynamicActivationInt8WeightConfig")),
-    # tile_packed_to_4d runs PyTorch's own tinygemm kernel (aten._weight_int4pack_mm); torchao's
-    # default "plain" format needs the separate mslk kernel package (seen on the H200 run).
-    Method("int4-wo", "torchao int4 weight-only, groups of 64 (tinygemm kernel)",
-           _needs(cuda=True, module="torchao"), _torchao("Int4WeightOnlyConfig", torch.bfloat16,
-                                                      group_size=64,
-                                                      int4_packing_format="tile_packed_to_4d")),
-    Method("bnb-int8", "bitsandbytes LLM.int8()", _needs(cuda=True, module="bitsandbytes"),
-           _bnb("int8")),
-    Method("bnb-nf4", "bitsandbytes 4-bit NormalFloat", _needs(cuda=True, module="bitsandbytes"),
-           _bnb("nf4")),
-    Method("fp8", "vLLM fp8 weights (quantization='fp8' in the vLLM engine)",
-           _needs(cuda=True, module="vllm"), None, engine="vllm",
-           engine_kwargs={"quantization": "fp8"}),
-    Method("torch-ao-dynamic", "DEPRECATED torch.ao.quantization.quantize_dynamic (warning)",
-           _needs(cpu=True), _legacy_dynamic),
-]}
-
-DEFAULT_METHODS = ("fp32", "bf16", "int8-wo", "int8-dyn", "int8-channel", "int4-g32",
-                   "int4-wo", "bnb-int8", "bnb-nf4", "fp8")
-
-
-def get_method(name: str) -> Method:
-    """The registry entry for ``name``; a ValueError lists the known names."""
-    if name not in METHODS:
-        raise ValueError(f"unknown quantization method {name!r}; choose one of: "
-                         f"{', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def cannot_run(name: str, device: torch.device | str | None = None) -> str | None:
-    """Why method ``name`` cannot run on ``device`` here, or None when it can."""
-    from labkit.device import pick_device
-
-    return get_method(name).can_run(pick_device(str(device) if device is not None else None))

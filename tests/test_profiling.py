@@ -92,15 +92,6 @@ def test_kv_formula_matches_the_cache_tensors_a_forward_leaves(tiny_llama, lengt
     assert measured == length * profiling.kv_cache_bytes_per_token(tiny_llama.config, 4)
 
 
-def test_weight_bytes_counts_tied_weights_once():
-    lin = torch.nn.Linear(10, 20)
-    assert profiling.weight_bytes(lin) == (10 * 20 + 20) * 4
-    tied = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50, bias=False))
-    tied[1].weight = tied[0].weight
-    assert profiling.weight_bytes(tied) == 50 * 8 * 4
-    assert profiling.weight_bytes(lin.to(torch.bfloat16)) == (10 * 20 + 20) * 2
-
-
 def test_decode_roofline_batch_one_is_bandwidth_over_bytes_per_step():
     # 1 GB weights + 1000 tokens * 100 kB of KV cache, read at 1 TB/s
     assert profiling.decode_roofline(1e9, 1e5, 1000, 1, 1e12) == pytest.approx(1e12 / 1.1e9)
@@ -161,18 +152,6 @@ def test_profiler_table_names_the_matmuls_and_writes_a_trace(tiny_llama, tmp_pat
     assert table["self_cpu_ms"].is_monotonic_decreasing
     assert table["op"].str.contains("mm|linear").any()
     assert "traceEvents" in json.loads(trace.read_text())
-
-
-def test_weight_bytes_counts_quantized_layers_as_stored():
-    from labkit import quant
-
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False),
-                                torch.nn.Linear(32, 64, bias=False))
-    assert profiling.weight_bytes(model) == 2 * 64 * 32 * 4
-    quant.quantize_linears(model, "int8-channel", skip=())
-    # the codes live in buffers now: 1 byte per weight plus one scale per output row
-    assert profiling.weight_bytes(model) == quant.weight_bytes(model, skip=())
-    assert 2 * 64 * 32 < profiling.weight_bytes(model) < 2 * 64 * 32 * 1.1
 
 
 def test_profile_ops_drops_kineto_banners_but_keeps_other_native_stderr(capfd):

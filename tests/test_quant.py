@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from labkit import quant
+from labkit import quant, quant_methods, sizes
 from labkit.bench import quant as quant_bench
 
 
@@ -104,14 +104,15 @@ def test_quantized_model_reports_bytes_of_its_linear_layers():
     model = nn.Sequential(nn.Linear(64, 128, bias=False), nn.ReLU(), nn.Linear(128, 64))
     x = torch.randn(3, 64)
     y = model(x)
-    fp16 = quant.fp16_weight_bytes(model)
+    fp16 = sizes.weight_bytes(model, layers="linear", as_dtype=torch.float16)
     assert fp16 == 2 * (64 * 128 + 128 * 64)
-    assert quant.weight_bytes(model) == 2 * fp16  # fp32 now
+    assert sizes.weight_bytes(model, layers="linear") == 2 * fp16  # fp32 now
     quant.quantize_linears(model, "int4")
     assert all(isinstance(m, quant.QuantLinear) for m in (model[0], model[2]))
     assert model[0].qweight.dtype == torch.uint8  # really stores packed codes
-    assert quant.weight_bytes(model) == (quant.int4_bytes((128, 64)) + quant.int4_bytes((64, 128)))
-    assert quant.weight_bytes(model) <= 0.32 * fp16
+    held = sizes.weight_bytes(model, layers="linear")
+    assert held == (quant.int4_bytes((128, 64)) + quant.int4_bytes((64, 128)))
+    assert held <= 0.32 * fp16
     assert torch.allclose(model(x), y, atol=0.1)
 
 
@@ -125,25 +126,25 @@ def test_lm_head_is_skipped_by_default():
 
 
 def test_method_that_cannot_run_here_gives_a_reason_instead_of_raising():
-    reason = quant.get_method("int4-wo").can_run(torch.device("cpu"))
+    reason = quant_methods.get_method("int4-wo").can_run(torch.device("cpu"))
     assert reason is not None and "CUDA" in reason
-    assert "CUDA" in quant.cannot_run("fp8", "cpu")
-    assert quant.cannot_run("int8-channel", "cpu") is None
+    assert "CUDA" in quant_methods.cannot_run("fp8", "cpu")
+    assert quant_methods.cannot_run("int8-channel", "cpu") is None
 
 
 def test_unknown_method_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown quantization method 'int3'.*int8-channel"):
-        quant.get_method("int3")
+        quant_methods.get_method("int3")
 
 
 def test_torchao_int8_weight_only_bytes_are_counted_from_its_tensors():
     pytest.importorskip("torchao")
     model = nn.Sequential(nn.Linear(64, 32, bias=False))
-    quant.get_method("int8-wo").apply(model)
+    quant_methods.get_method("int8-wo").apply(model)
     assert type(model[0].weight) is not nn.Parameter  # torchao swapped in a tensor subclass
     # 1 byte per code, one fp32 scale per output row, and an int8 zero point per row that
     # torchao stores even for this symmetric scheme (all zeros): bytes held, counted honestly
-    assert quant.weight_bytes(model) == 64 * 32 + 32 * 4 + 32 * 1
+    assert sizes.weight_bytes(model, layers="linear") == 64 * 32 + 32 * 4 + 32 * 1
 
 
 @pytest.mark.slow

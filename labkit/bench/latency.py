@@ -1,14 +1,13 @@
-"""Benchmarks: workloads from data/prompts.jsonl, closed- and open-loop load, records, JSON.
+"""``labkit bench latency``: one request at a time, its decode speed against the roofline.
 
-Load generators are asyncio coroutines over any ``send(request) -> Completion`` coroutine: an
-engine in a thread (``engine_sender``), the serving lab's service, or an HTTP client. Each
-request's ``start_s`` is set to the moment the generator sent it, so queueing counts in TTFT and
-E2E, as a client sees them. Metrics come from ``labkit.metrics`` (vLLM's definitions).
+- ``run_latency_bench``: requests sent one after another (no queueing, no batching) after a
+  warm-up per shape, one ``"latency"`` run per (prompt length, output length) pair, each with
+  the roofline fields of ``roofline_fields``.
+- ``roofline_fields``: batch-1 decode tokens/s (1 / mean TPOT) beside the memory-bandwidth bound
+  of ``labkit.profiling.decode_roofline`` for the engine's weights (``labkit.sizes``).
+- ``decode_sweep``: decode tokens/s of one static batch per batch size.
 
-- closed loop: ``concurrency`` clients, each sends its next request when the previous completes.
-  Load adapts to the server: it can never be overloaded, so it hides queueing collapse.
-- open loop: requests arrive as a Poisson process at ``rate`` req/s (seeded), whether or not the
-  server keeps up. Use it to find the rate where latency blows up.
+Used by the profiling lab (lab 01).
 """
 
 from __future__ import annotations
@@ -18,23 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from labkit.bench.workloads import prompt_of_length
+from labkit.config import DEFAULT_MODEL
 from labkit.engines import as_engine, engine_device
 from labkit.engines.base import Engine, Request, now
 from labkit.metrics import bench_document, summarize, write_json
 
-# --- workloads ---------------------------------------------------------------------------------
 
-
-# --- load generators ---------------------------------------------------------------------------
-
-
-# --- records -----------------------------------------------------------------------------------
-
-
-# --- the latency bench and the decode sweep ----------------------------------------------------
-
-
-def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
+def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
                       num_requests: int = 4, prompt_lens: Sequence[int] = (32, 128),
                       out_lens: Sequence[int] = (32,), warmup: int = 1,
                       json_path: str | Path | None = None, progress: bool = True,
@@ -89,26 +78,18 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
     return doc
 
 
-def engine_weight_bytes(engine: Engine) -> tuple[int, int]:
-    """(bytes of the weights as the engine holds them, bytes per element of its dtype).
+def _held_weights(engine: Engine) -> tuple[int, int]:
+    """(bytes of the weights the engine holds, bytes per element of its model's dtype).
 
-    A transformers engine is measured on its model; for others (vLLM keeps the model in its
-    own worker) we count parameters in the checkpoint's safetensors headers and assume bf16.
+    A transformers engine is measured on its model (``labkit.sizes.weight_bytes``); vLLM keeps
+    the model in its own worker, so its checkpoint is counted in bf16 (``checkpoint_bytes``).
     """
-    from labkit.profiling import weight_bytes
+    from labkit.sizes import checkpoint_bytes, weight_bytes
 
     model = getattr(engine, "model", None)
     if model is not None and hasattr(model, "parameters"):
         return weight_bytes(model), next(model.parameters()).element_size()
-    from safetensors import safe_open
-
-    params = 0
-    for path in Path(engine.ref.path).glob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                shape = f.get_slice(name).get_shape()
-                params += math.prod(shape)
-    return 2 * params, 2
+    return checkpoint_bytes(engine.ref.path, element_bytes=2), 2
 
 
 def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float,
@@ -124,7 +105,7 @@ def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float,
 
     from labkit.profiling import decode_roofline, kv_cache_bytes_per_token, memory_bandwidth
 
-    weights, elem = engine_weight_bytes(engine)
+    weights, elem = _held_weights(engine)
     elem = 2 if weight_bytes is not None else elem  # quantized models keep a bf16 KV cache
     weights = weight_bytes if weight_bytes is not None else weights
     config = AutoConfig.from_pretrained(engine.ref.path)

@@ -1,6 +1,14 @@
-"""The ``quant`` bench: every quantization method measured for size, speed and quality together.
+"""``labkit bench quant``: every quantization method measured for size, speed and quality together.
 
-Split from ``labkit.quant`` (the methods themselves); see ``run_quant_bench``.
+- ``run_quant_bench``: each method of ``labkit.quant_methods`` applied to a copy of a real model:
+  the bytes of its linear layers (``labkit.sizes.weight_bytes(..., layers="linear")``, and the
+  same layers in fp16), perplexity, batch-1 and large-batch decode tokens/s, and agreement with
+  the fp32 model's greedy tokens; ``bench_table`` and ``plot_tradeoff`` show the result.
+- ``run_decode_speed_bench``: batch-1 decode speed of each weight format on the fastest path of
+  its engine (compiled static-cache loop, or vLLM), against the memory-bandwidth roofline, with
+  the bytes the whole quantized model holds.
+
+Used by the quantization lab (lab 04); a method that cannot run here is a ``skipped`` row.
 """
 
 from __future__ import annotations
@@ -9,10 +17,12 @@ from collections.abc import Iterable
 
 import torch
 
-from labkit.quant import DEFAULT_METHODS, fp16_weight_bytes, get_method, weight_bytes
+from labkit.config import DEFAULT_MODEL
+from labkit.quant_methods import DEFAULT_METHODS, get_method
+from labkit.sizes import checkpoint_bytes, weight_bytes
 
 
-def run_quant_bench(model: str = "smollm2-135m", methods: Iterable[str] | None = None,
+def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = None,
                     device: str | None = None, *, max_eval_tokens: int | None = None,
                     window: int = 512, stride: int = 256, decode_tokens: int = 32,
                     b1_requests: int = 2, large_batch: int = 16, agreement_tokens: int = 16,
@@ -85,7 +95,8 @@ def _measure(qmodel, tok, ids, reference, window, stride, decode_tokens, b1_requ
     from labkit import quality
     from labkit.metrics import summarize
 
-    wb, fb = weight_bytes(qmodel), fp16_weight_bytes(qmodel)
+    wb = weight_bytes(qmodel, layers="linear")
+    fb = weight_bytes(qmodel, layers="linear", as_dtype=torch.float16)
     ppl = quality.perplexity(qmodel, ids, window, stride)
     agree = quality.agreement(reference, quality.greedy_outputs(
         qmodel, tok, max_new_tokens=agreement_tokens))
@@ -215,7 +226,9 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
     vLLM (``quantization="fp8"``, CUDA graphs). Synthetic models have random weights, so this
     bench measures speed and bytes only; quality comes from ``run_quant_bench`` on real weights.
     Each run has the contract's latency fields plus ``decode_tokens_per_s_b1``, ``weight_bytes``
-    and the roofline fields of ``labkit.bench.latency.roofline_fields``.
+    (everything the quantized model holds, ``labkit.sizes.weight_bytes``; for vLLM fp8 counted
+    from the checkpoint with 1-byte linear weights, ``checkpoint_bytes``) and the roofline
+    fields of ``labkit.bench.latency.roofline_fields``.
     """
     import gc
     from functools import partial
@@ -240,13 +253,12 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
         try:
             if method.apply is None:  # runs inside its engine (vLLM fp8)
                 engine = get_engine(method.engine, model=model, **method.engine_kwargs)
-                wbytes = _fp8_checkpoint_bytes(engine.ref.path)
+                wbytes = checkpoint_bytes(engine.ref.path, linear_element_bytes=1)
             else:
                 engine = get_engine("hf", model=model, dtype="bfloat16", static_cache=True,
                                     compile=compile)
-                untouched = _param_bytes(engine.model) - fp16_weight_bytes(engine.model)
                 engine.model = engine.decoder.model = method.apply(engine.model)
-                wbytes = untouched + weight_bytes(engine.model)
+                wbytes = weight_bytes(engine.model)
             text = prompt_of_length(engine.tokenizer, prompt_len)
             req = partial(Request, prompt=text, max_tokens=out_len, ignore_eos=True)
             engine.generate([req()])  # warm-up: compilation and CUDA-graph capture
@@ -269,24 +281,3 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
                           settings={"prompt_len": prompt_len, "out_len": out_len,
                                     "compile": compile})
 
-
-def _param_bytes(model) -> int:
-    """Bytes of all parameters as stored (bf16 model: 2 per element)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _fp8_checkpoint_bytes(path: str) -> int:
-    """Weight bytes once vLLM's fp8 mode stores the linear layers' weights in 1 byte each
-    (per-tensor scales are negligible); embeddings, norms and the output layer stay bf16."""
-    import math
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    total = 0
-    for file in Path(path).glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                numel = math.prod(f.get_slice(name).get_shape())
-                total += numel * (1 if name.endswith("_proj.weight") else 2)
-    return total
