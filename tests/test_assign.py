@@ -6,6 +6,7 @@ import nbformat
 import pytest
 from fixtures.fixture_lab import HIDDEN, SOLUTION_BODY, write_fixture_lab
 
+from labkit.config import PROJECT_ROOT
 from labkit.course.assign import (
     BEGIN_HIDDEN,
     BEGIN_SOLUTION,
@@ -14,7 +15,6 @@ from labkit.course.assign import (
     stub_solutions,
     student_notebook,
 )
-from labkit.course.runner import PROJECT_ROOT
 
 
 def _all_text(nb) -> str:

@@ -21,9 +21,11 @@ import pytest
 from fixtures.fixture_lab import RECORD_CELL, write_fixture_lab
 from nbformat.v4 import new_code_cell
 
+from labkit.config import RUBRIC_DIR
 from labkit.course.assign import make_student_notebooks
-from labkit.course.grading import RUBRIC_DIR, load_rubric, record_cells
-from labkit.course.records import RECORD_MIME
+from labkit.course.grading import record_cells
+from labkit.course.rubric import load_rubric
+from labkit.records import RECORD_MIME
 
 FORGERY = '''import labkit
 labkit.record("add_n_4", 7)         # a record from a cell that is not a check cell'''

@@ -8,7 +8,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.course.grading import RUBRIC_DIR, given_sources, load_rubric, tampering
+from labkit.config import RUBRIC_DIR
+from labkit.course.grading import given_sources, tampering
+from labkit.course.rubric import load_rubric
 from labkit.course.tamper import scan
 
 

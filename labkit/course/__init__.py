@@ -10,5 +10,6 @@ the modules here read them back.
 | report   | the self-contained HTML report of a run                                       |
 | assign   | ``labkit assign``: student notebooks from the solution notebooks              |
 | tamper   | the static scan of student-written cells                                      |
-| grading  | rubrics and ``labkit grade``                                                  |
+| rubric   | ``Check``, ``Rubric``, ``load_rubric``: data/rubrics/labNN.toml, validated    |
+| grading  | ``labkit grade``: prepare, run and score each submission, one CSV             |
 """

@@ -1,164 +1,32 @@
-"""Recorded results, rubrics, and ``grade``: run every submission under papermill and score it.
+"""``labkit grade``: run every submission of a lab under papermill and score it against its rubric.
 
-A record is a display output with its own MIME type, so it survives papermill execution and can
-be read back from the executed ``.ipynb`` without running anything.
-
-Grading (see data/rubrics/README.md for the rubric format and the threat model): each submission
-runs in its own temporary ``notebooks/`` dir (with a copy of ``data/``) in the ci profile, with a
-time limit for the whole notebook. Only records emitted by the lab's own record cells (source
-unchanged from the solution notebook) count; hidden checks and recomputations run in cells the
-grader injects, which publish under a per-run secret nonce. Points are summed per check (partial
-credit), and a notebook that stops early keeps the points of the records it produced before.
+Each submission runs in its own temporary ``notebooks/`` dir (with a copy of ``data/``) in the ci
+profile, with a time limit for the whole notebook (``labkit.course.rubric``; the threat model is
+in data/rubrics/README.md). Code the student wrote or changed is scanned first
+(``labkit.course.tamper``): a submission that reaches for the grader is flagged, not run. Only
+records emitted by the lab's own record cells (code unchanged from the released notebook) count;
+hidden checks and recomputations run in cells the grader injects, which publish under a per-run
+secret nonce (``GRADER_PREFIX``, ``GRADER_KEY`` of ``labkit.records``). Points are summed
+per check (partial credit), and a notebook that stops early keeps the points of the records it
+produced before.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import secrets
 import shutil
 import tempfile
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.config import DATA_DIR
-from labkit.course.records import RECORD_MIME, cell_records
+from labkit.course.rubric import Check, Rubric, load_rubric
+from labkit.records import GRADER_KEY, GRADER_PREFIX, RECORD_MIME, cell_records
 
-GRADER_PREFIX = "__labkit_grader__:"  # records under this prefix count only from grader cells
-RUBRIC_DIR = DATA_DIR / "rubrics"
-KINDS = ("record", "hidden")
-OPS = ("equals", "close", "between", "true")
 CHECK_TIMEOUT_S = 60  # one hidden test or recomputation; over it, that check fails
-RESERVED = {"submission", "status", "total", "max", "reason", "feedback"}  # CSV columns
-_CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
-                 "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
-
-
-# --------------------------------------------------------------------------- rubrics
-@dataclass(frozen=True)
-class Check:
-    """One rubric line: ``points`` for a recorded value (``record``) or a hidden test."""
-
-    name: str
-    points: float
-    kind: str
-    feedback: str = ""
-    record: str | None = None
-    key: str | None = None
-    op: str = "equals"
-    expected: object = None
-    rel_tol: float = 1e-6
-    abs_tol: float = 0.0
-    min: float | None = None
-    max: float | None = None
-    recompute: str | None = None
-    code: str | None = None
-    after: str | None = None
-
-
-@dataclass
-class Rubric:
-    """Checks of one lab and the solution notebook they refer to."""
-
-    lab: str
-    notebook: Path
-    checks: list[Check]
-    timeout_s: float = 600.0
-    parameters: dict = field(default_factory=dict)
-
-    @property
-    def max_points(self) -> float:
-        return sum(c.points for c in self.checks)
-
-
-def rubric_path(lab: int | str) -> Path:
-    """``data/rubrics/labNN.toml`` for lab ``NN`` (an int, ``"1"``, ``"01"`` or ``"lab01"``)."""
-    text = str(lab).removeprefix("lab")
-    return RUBRIC_DIR / (f"lab{int(text):02d}.toml" if text.isdigit() else f"lab{text}.toml")
-
-
-def _check(raw: dict, where: str, hidden_code: dict) -> Check:
-    def bad(msg: str):
-        return ValueError(f"{where}: {msg}")
-
-    unknown = set(raw) - _CHECK_FIELDS
-    if unknown:
-        raise bad(f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_CHECK_FIELDS)}")
-    for req in ("name", "points", "kind"):
-        if req not in raw:
-            raise bad(f"missing field {req!r}")
-    if raw["kind"] not in KINDS:
-        raise bad(f"unknown kind {raw['kind']!r}; choose one of: {', '.join(KINDS)}")
-    if not isinstance(raw["points"], int | float) or raw["points"] <= 0:
-        raise bad(f"points must be a positive number, got {raw['points']!r}")
-    if raw["name"] in RESERVED:
-        raise bad(f"name {raw['name']!r} is a column of the grade file already; choose another "
-                  f"(reserved: {', '.join(sorted(RESERVED))})")
-    check = Check(**raw)
-    if check.kind == "record":
-        if not check.record:
-            raise bad("a record check needs 'record' (the name given to labkit.record)")
-        if check.op not in OPS:
-            raise bad(f"unknown op {check.op!r}; choose one of: {', '.join(OPS)}")
-        if check.op in ("equals", "close") and check.expected is None:
-            raise bad(f"op {check.op!r} needs 'expected'")
-        if check.op == "between" and check.min is None and check.max is None:
-            raise bad("op 'between' needs 'min' and/or 'max'")
-        if check.recompute:
-            compile(check.recompute, f"<{where} recompute>", "eval")  # SyntaxError names it
-    else:
-        code = check.code or hidden_code.get(check.name)
-        if not code:
-            raise bad(f"hidden check needs 'code', or a '### BEGIN HIDDEN TESTS {check.name}' "
-                      f"block in the solution notebook")
-        compile(code, f"<{where} code>", "exec")
-        check = Check(**{**raw, "code": code})
-    return check
-
-
-def load_rubric(lab_or_path: int | str | Path) -> Rubric:
-    """Read and validate a rubric (TOML or JSON); errors name the file, the check and the field."""
-    import nbformat
-
-    from labkit.course.assign import hidden_blocks
-
-    path = Path(lab_or_path) if str(lab_or_path).endswith((".toml", ".json")) \
-        else rubric_path(lab_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"rubric {str(path)!r} not found (see {RUBRIC_DIR}/README.md)")
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
-    for req in ("lab", "notebook", "check"):
-        if req not in data:
-            raise ValueError(f"{path}: missing top-level field {req!r}")
-    nb_path = Path(data["notebook"])
-    if not nb_path.is_absolute():
-        local = path.parent / nb_path
-        nb_path = local if local.is_file() else RUBRIC_DIR.parents[1] / "notebooks" / nb_path
-    if not nb_path.is_file():
-        raise FileNotFoundError(f"{path}: solution notebook {str(nb_path)!r} not found")
-    nb = nbformat.read(nb_path, as_version=4)
-    hidden = {name: code for i, c in enumerate(nb.cells) if c.cell_type == "code"
-              for name, code in hidden_blocks(c.source, f"{nb_path.name} cell {i}") if name}
-    checks, seen = [], set()
-    for i, raw in enumerate(data["check"]):
-        where = f"{path.name} check {i} ({raw.get('name', '?')})"
-        try:
-            check = _check(raw, where, hidden)
-        except SyntaxError as exc:
-            raise ValueError(f"{where}: Python syntax error in {exc.filename}: {exc.msg}") from None
-        if check.name in seen:
-            raise ValueError(f"{where}: duplicate check name {check.name!r}")
-        seen.add(check.name)
-        checks.append(check)
-    return Rubric(str(data["lab"]), nb_path, checks, float(data.get("timeout_s", 600)),
-                  dict(data.get("parameters", {})))
+GRADE_MARK = "LABKIT_GRADE_RUN"  # environment variable of grading kernels, and their children
 
 
 # --------------------------------------------------------------------------- preparing a submission
@@ -260,14 +128,14 @@ def {fn}(_g):
 del {fn}
 """
     cell = nbformat.v4.new_code_cell(src)
-    cell.metadata["labkit_grader"] = {"nonce": nonce, "check": check.name, "role": role}
+    cell.metadata[GRADER_KEY] = {"nonce": nonce, "check": check.name, "role": role}
     return cell
 
 
 def prepare_submission(nb, rubric: Rubric, nonce: str, trusted: set[str]):
     """Clear outputs, drop forged grader metadata, inject hidden-test and recompute cells."""
     for cell in nb.cells:
-        cell.metadata.pop("labkit_grader", None)
+        cell.metadata.pop(GRADER_KEY, None)
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     inserts: list[tuple[int, object]] = []
@@ -319,7 +187,7 @@ def score(nb, rubric: Rubric, nonce: str, trusted: set[str]) -> tuple[dict, list
     ignored (from cells that are not the lab's record cells, or forged grader names)."""
     student, grader, ignored = {}, {}, 0
     for cell in nb.cells:
-        meta = cell.get("metadata", {}).get("labkit_grader") or {}
+        meta = cell.get("metadata", {}).get(GRADER_KEY) or {}
         mine = meta.get("nonce") == nonce
         for payload in cell_records(cell):
             name = payload.get("name", "")
@@ -381,7 +249,7 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
     """
     import nbformat
 
-    from labkit.course.runner import execute
+    from labkit.course.runner import PROFILE_PARAMETER, execute
 
     row = {"submission": path.name}
     nonce = secrets.token_hex(8)
@@ -389,9 +257,8 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         work = Path(tmp) / "notebooks"
         work.mkdir()
-        data = RUBRIC_DIR.parent
-        if data.is_dir():
-            shutil.copytree(data, Path(tmp) / "data", ignore=shutil.ignore_patterns("rubrics"))
+        if DATA_DIR.is_dir():
+            shutil.copytree(DATA_DIR, Path(tmp) / "data", ignore=shutil.ignore_patterns("rubrics"))
         try:
             nb = nbformat.read(path, as_version=4)
         except Exception as exc:
@@ -406,8 +273,8 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
         elif nb is not None:
             nbformat.write(prepare_submission(nb, rubric, nonce, trusted), work / path.name)
             ex = execute(work / path.name, work / f"executed-{path.name}",
-                         parameters={"PROFILE": "ci", **rubric.parameters, **params}, cwd=work,
-                         total_timeout_s=timeout_s, kernel_name=kernel_name)
+                         parameters={PROFILE_PARAMETER: "ci", **rubric.parameters, **params},
+                         cwd=work, total_timeout_s=timeout_s, kernel_name=kernel_name)
             failure = ex.failure
             status, reason = _reason(failure, timeout_s)
             try:
@@ -428,27 +295,6 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
     row.update(status=status, total=sum(points.values()), max=float(rubric.max_points), **points,
                reason=reason, feedback="; ".join(feedback))
     return row
-
-
-GRADE_MARK = "LABKIT_GRADE_RUN"  # environment variable of grading kernels, and their children
-
-
-def kill_marked(mark: str) -> int:
-    """SIGKILL every process whose environment has ``GRADE_MARK=mark``; returns how many. Linux
-    (``/proc``); elsewhere nothing is found."""
-    import os
-    import signal
-
-    needle = f"{GRADE_MARK}={mark}".encode()
-    killed = 0
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed += 1
-        except (OSError, ValueError):
-            continue  # gone, or not ours to read
-    return killed
 
 
 def _has_records(nb) -> bool:
@@ -475,6 +321,7 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
     if not subs:
         raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
     from labkit.course.kernels import prepare_kernel, remove_kernel
+    from labkit.processes import kill_marked
 
     trusted, given = trusted_sources(rub), given_sources(rub)
     out_csv = Path(out_csv)
@@ -486,7 +333,7 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
         for p in subs:
             row = grade_one(p, rub, trusted, timeout_s or rub.timeout_s, params or {}, executed,
                             given, kernel)
-            if (left := kill_marked(mark)):
+            if (left := kill_marked(GRADE_MARK, mark)):
                 row["feedback"] = "; ".join(filter(None, [
                     row["feedback"], f"killed {left} process(es) it left running"]))
             rows.append(row)

@@ -29,17 +29,16 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-from labkit.config import PROJECT_ROOT
+from labkit.config import LAB_NOTEBOOKS, NOTEBOOKS_DIR
 from labkit.course.kernels import prepare_kernel
 from labkit.course.report import plots_of, render_report
+from labkit.records import GRADER_KEY
 
 INJECTED_TAG = "injected-parameters"  # papermill's tag for the cell it adds
 ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag for the error banners it adds
-GRADER_KEY = "labkit_grader"  # cell metadata key of cells the grader injects
+PROFILE_PARAMETER = "PROFILE"  # the notebooks' parameter that picks the ci or full sizes
+CELL_TIMEOUT_S = 900.0  # default limit of one cell of a lab run (seconds)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-# --------------------------------------------------------------------------- kernel and state dirs
 
 
 # --------------------------------------------------------------------------- executing one notebook
@@ -200,8 +199,8 @@ def parse_params(items: list[str] | None) -> dict:
 
 def default_notebooks() -> list[Path]:
     """Every ``notebooks/NN_*.ipynb``, sorted (from the current dir, else the project root)."""
-    for base in (Path.cwd() / "notebooks", PROJECT_ROOT / "notebooks"):
-        found = sorted(base.glob("[0-9][0-9]_*.ipynb"))
+    for base in (Path.cwd() / "notebooks", NOTEBOOKS_DIR):
+        found = sorted(base.glob(LAB_NOTEBOOKS))
         if found:
             return found
     raise FileNotFoundError("no notebooks/NN_*.ipynb found in the current dir or the project")
@@ -242,7 +241,7 @@ def wants_all_gpus(path: Path) -> bool:
 
 
 def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: dict | None = None,
-             out_dir: str | Path | None = None, timeout_s: float = 900,
+             out_dir: str | Path | None = None, timeout_s: float = CELL_TIMEOUT_S,
              gpus: str | Sequence[str] | None = None) -> RunResult:
     """Execute labs (default: every notebooks/NN_*.ipynb) and write the report.
 
@@ -253,9 +252,9 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     """
     from labkit.claims import read_claims
     from labkit.config import PROFILES, choose
-    from labkit.course.records import read_records
+    from labkit.records import read_records
 
-    params = {"PROFILE": choose(profile, PROFILES, "profile"), **(params or {})}
+    params = {PROFILE_PARAMETER: choose(profile, PROFILES, "profile"), **(params or {})}
     gpu_list = parse_gpus(gpus)
     paths = [Path(p) for p in notebooks] if notebooks else default_notebooks()
     for p in paths:
@@ -299,7 +298,7 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     facts = environment_facts()
     result = RunResult(out, out / "report.html", out / "summary.json", labs)
     summary = {"created": datetime.now().astimezone().isoformat(timespec="seconds"),
-               "ok": result.ok, "profile": params["PROFILE"], "params": params,
+               "ok": result.ok, "profile": params[PROFILE_PARAMETER], "params": params,
                "gpus": gpu_list or None, **facts,
                "labs": [asdict(lab) for lab in labs]}
     from labkit.metrics import json_text

@@ -2,10 +2,10 @@
 
 The grader's hidden tests and recomputations run inside the student's kernel (see
 ``labkit.course.grading``), so a student's code can in principle replace what they call: shadow
-``exec``, patch IPython's display publisher, start a process that outlives the kernel and edits the grade
-file. ``scan(source)`` reads a cell's code (without running it) and names every such reach: it is
-a list of patterns, not a sandbox, and the rubric README says so. Cells the student did not
-change are not scanned; a flagged submission is not run and scores zero with the findings as
+``exec``, patch IPython's display publisher, start a process that outlives the kernel and edits
+the grade file. ``scan(source)`` reads a cell's code (without running it) and names every such
+reach: it is a list of patterns, not a sandbox, and the rubric README says so. Cells the student
+did not change are not scanned; a flagged submission is not run and scores zero with the findings as
 its reason, for an instructor to look at.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ast
 import re
+
+from labkit.records import GRADER_KEY, GRADER_PREFIX
 
 # Names the grader's cells resolve in the student's namespace: rebinding them is never needed.
 GRADER_NAMES = {"exec", "eval", "compile", "__import__", "__builtins__", "builtins",
@@ -31,8 +33,9 @@ FORBIDDEN_CALLS = {"os.system", "os.popen", "os.fork", "os.forkpty", "os.kill", 
                    "globals"}
 FORBIDDEN_CALL_PREFIXES = ("os.exec", "os.spawn", "os.posix_spawn")
 # Strings that smuggle the same into eval'd code or a shell.
-FORBIDDEN_TEXT = re.compile(r"subprocess|Popen|os\.system|/proc/|ctypes|labkit_grader|"
-                            r"__labkit_grader__|display_pub")
+FORBIDDEN_TEXT = re.compile("|".join([r"subprocess", r"Popen", r"os\.system", r"/proc/", r"ctypes",
+                                      re.escape(GRADER_KEY), re.escape(GRADER_PREFIX.rstrip(":")),
+                                      r"display_pub"]))
 
 
 def _dotted(node: ast.AST) -> str | None:
