@@ -9,7 +9,11 @@ import argparse
 import json
 import sys
 
-from labkit.config import DEFAULT_MAX_TOKENS, ENGINES
+from labkit.bench.batching import CONTINUOUS_ENGINES
+from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
+from labkit.course.assign import RELEASE_DIR, SOURCE_DIR
+from labkit.course.runner import CELL_TIMEOUT_S
+from labkit.metrics import BENCH_KINDS
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 
 
@@ -73,39 +77,55 @@ def _engine_kwargs(args) -> dict:
     return kw
 
 
+def int_list(text: str) -> list[int]:
+    """``"32,128,512"`` -> ``[32, 128, 512]`` (positive integers), else a ValueError naming it."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 32,128; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers like 32,128; got {text!r}")
+    return values
+
+
+def _ints(text: str | None) -> list[int] | None:
+    """``int_list(text)``, or None for an option that was not given."""
+    return None if text is None else int_list(text)
+
+
+def _given(**options) -> dict:
+    """The options that were given (not None), so each bench's own defaults apply to the rest."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _cmd_bench(args) -> int:
-    from labkit.cli import int_list
     from labkit.metrics import json_text, write_json
 
     kind, json_path = args.kind, args.json
     if kind == "latency":
         from labkit.bench.latency import run_latency_bench
 
-        doc = run_latency_bench(args.engine, args.model, num_requests=args.num_requests or 4,
-                                prompt_lens=int_list(args.prompt_lens),
-                                out_lens=int_list(args.out_lens), **_engine_kwargs(args))
+        doc = run_latency_bench(args.engine, args.model, **_given(
+            num_requests=args.num_requests,
+            prompt_lens=_ints(args.prompt_lens), out_lens=_ints(args.out_lens)),
+            **_engine_kwargs(args))
     elif kind == "batching":
         from labkit.bench.batching import run_batching_bench
 
-        extra = {"batch_sizes": int_list(args.batch_sizes)} if args.batch_sizes else {}
-        if args.concurrencies:
-            extra["concurrencies"] = int_list(args.concurrencies)
-        if args.num_requests:
-            extra["num_requests"] = args.num_requests
-        if args.continuous_engine:
-            extra["continuous_engine"] = args.continuous_engine
-        doc = run_batching_bench(engine=args.engine, model=args.model, **extra)
+        doc = run_batching_bench(engine=args.engine, model=args.model, **_given(
+            batch_sizes=_ints(args.batch_sizes), concurrencies=_ints(args.concurrencies),
+            num_requests=args.num_requests, continuous_engine=args.continuous_engine))
     elif kind == "cache":
         from labkit.bench.caching import run_cache_bench
 
-        doc = run_cache_bench(args.engine, args.model, num_requests=args.num_requests or 64,
-                              repeat_fraction=args.repeat_fraction)
+        doc = run_cache_bench(args.engine, args.model, **_given(
+            num_requests=args.num_requests, repeat_fraction=args.repeat_fraction))
     elif kind == "quant":
         from labkit.bench.quant import run_decode_speed_bench, run_quant_bench
 
         methods = args.methods.split(",") if args.methods else None
         if args.decode_speed:
-            doc = run_decode_speed_bench(args.model, **({"methods": methods} if methods else {}))
+            doc = run_decode_speed_bench(args.model, **_given(methods=methods))
         else:
             doc = run_quant_bench(args.model, methods=methods)
     else:  # serve
@@ -113,12 +133,10 @@ def _cmd_bench(args) -> int:
 
         if not args.url:
             raise ValueError("labkit bench serve needs --url (e.g. http://127.0.0.1:8000)")
-        extra = {"concurrencies": int_list(args.concurrencies)} if args.concurrencies else {}
-        if args.num_requests:
-            extra["num_requests"] = args.num_requests
         doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate,
                               stream=not args.no_stream, server_cache=args.server_cache,
-                              **extra)
+                              **_given(concurrencies=_ints(args.concurrencies),
+                                       num_requests=args.num_requests))
     if json_path:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
@@ -197,7 +215,7 @@ def _number(kind: type = int, *, at_least: float | None = None, above: float | N
 
 
 ENGINE_HELP = "default: $LABKIT_ENGINE, else auto (vllm on a GPU where installed, else hf)"
-MODEL_HELP = ("default: $LABKIT_MODEL, else smollm2-135m (bench serve: the model the server "
+MODEL_HELP = (f"default: $LABKIT_MODEL, else {DEFAULT_MODEL} (bench serve: the model the server "
               "serves)")
 COUNT = _number(int, at_least=1)
 SECONDS = _number(float, above=0)
@@ -214,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("model", help="prepare a model (convert/create once) and print its path")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     p.set_defaults(func=_cmd_model)
 
     p = sub.add_parser("generate", help="generate one completion and print its timings")
@@ -231,19 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="run a benchmark and write the bench JSON (labkit/metrics.py)")
-    p.add_argument("kind", choices=["latency", "batching", "cache", "quant", "serve"])
+    p.add_argument("kind", choices=BENCH_KINDS)
     p.add_argument("--engine", choices=ENGINES, help=ENGINE_HELP)
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--json", metavar="PATH", help="write the JSON here (default: print it)")
-    p.add_argument("--num-requests", type=COUNT, help="requests per run")
-    p.add_argument("--prompt-lens", default="32,128", help="latency: prompt tokens, e.g. 32,128")
-    p.add_argument("--out-lens", default="32", help="latency: output tokens, e.g. 32,128")
+    p.add_argument("--num-requests", type=COUNT, help="requests per run (default: the bench's)")
+    p.add_argument("--prompt-lens", help="latency: prompt tokens, e.g. 32,128")
+    p.add_argument("--out-lens", help="latency: output tokens, e.g. 32,128")
     p.add_argument("--batch-sizes", help="batching: static batch sizes, e.g. 1,4,16")
     p.add_argument("--concurrencies", help="batching/serve: client counts, e.g. 1,16,64")
-    p.add_argument("--continuous-engine", choices=["hf-cb", "vllm", "none"],
+    p.add_argument("--continuous-engine", choices=CONTINUOUS_ENGINES,
                    help="batching: engine of the continuous runs (default: vllm on a GPU, "
                    "else hf-cb)")
-    p.add_argument("--repeat-fraction", type=_number(float, at_least=0), default=0.5,
+    p.add_argument("--repeat-fraction", type=_number(float, at_least=0),
                    help="cache: repeated share, in [0, 1)")
     p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
     p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "
@@ -277,17 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="execute the labs with papermill and write report.html")
     p.add_argument("notebooks", nargs="*", help="default: every notebooks/NN_*.ipynb in order")
-    p.add_argument("--profile", choices=["ci", "full", "auto"],
+    p.add_argument("--profile", choices=PROFILES,
                    help="default: $LABKIT_PROFILE, else full on a GPU and ci on a CPU")
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--timeout", type=SECONDS, default=900, help="per-cell timeout (s)")
+    p.add_argument("--timeout", type=SECONDS, default=CELL_TIMEOUT_S, help="per-cell timeout (s)")
     p.add_argument("--gpus", help="run labs side by side, one per GPU, e.g. 0,1")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("assign", help="write student notebooks (solutions stubbed)")
-    p.add_argument("--src", default="notebooks")
-    p.add_argument("--out", default="release")
+    p.add_argument("--src", default=SOURCE_DIR, help="folder of the solution notebooks")
+    p.add_argument("--out", default=RELEASE_DIR, help="folder for the student notebooks")
     p.set_defaults(func=_cmd_assign)
 
     p = sub.add_parser("grade", help="execute and score every submission in a folder")
@@ -328,13 +346,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def int_list(text: str) -> list[int]:
-    """argparse ``type=`` for ``"32,128,512"`` -> ``[32, 128, 512]`` (positive integers)."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers like 32,128; got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers like 32,128; got {text!r}")
-    return values

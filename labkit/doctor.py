@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import os
 import platform
 import sys
 
@@ -17,7 +16,9 @@ def _version(dist: str) -> str | None:
 
 def _redis_facts() -> dict:
     """Which Redis labkit would use, and whether it answers a PING."""
-    url = os.environ.get("REDIS_URL")
+    from labkit.config import env_redis_url
+
+    url = env_redis_url()
     facts = {"mode": "url" if url else "embedded", "url": None, "reachable": False, "error": None}
     try:
         if url:
@@ -50,20 +51,18 @@ def _redact(url: str) -> str:
 
 
 def _model_facts() -> dict:
+    """Where models are kept, whether the bundled one is installed and converted, which
+    synthetic models are cached."""
     from labkit.config import labkit_home
-    from labkit.models import _find_bundled_gguf
+    from labkit.models import bundled_converted, bundled_dir, find_bundled_gguf, models_dir
 
-    home = labkit_home()
-    bundled = home / "models" / "smollm2-135m-instruct"
-    synthetic = sorted(p.name for p in (home / "models").glob("synthetic-*")) \
-        if (home / "models").exists() else []
-    gguf = _find_bundled_gguf()
+    gguf = find_bundled_gguf()
     return {
-        "home": str(home),
+        "home": str(labkit_home()),
         "bundled_gguf": str(gguf) if gguf else None,
-        "bundled_converted": (bundled / "model.safetensors").exists(),
-        "bundled_path": str(bundled),
-        "synthetic_cached": synthetic,
+        "bundled_converted": bundled_converted(),
+        "bundled_path": str(bundled_dir()),
+        "synthetic_cached": sorted(p.name for p in models_dir().glob("synthetic-*")),
     }
 
 

@@ -10,7 +10,13 @@ Definitions (all times in seconds, per request unless said otherwise):
 - E2E   end-to-end latency: completion ready minus request start.
 - request throughput      completed requests / wall time of the run (req/s).
 - output token throughput generated tokens / wall time of the run (tok/s).
-- goodput                 requests/s that met every given SLO (e.g. ttft_s <= 0.5).
+- SLO attainment          the fraction of requests that met every given SLO limit (e.g.
+                          ttft_s <= 0.5 and tpot_s <= 0.03); a failed request meets none.
+- goodput                 requests (and their output tokens) that met every limit / wall time
+                          of the run (req/s, tok/s): DistServe's per-request SLO view, computed
+                          as vLLM's ``--goodput`` does (a request with < 2 tokens has TPOT 0).
+- cost per million tokens USD per hour of the machine / (tokens/s x 3600) x 1e6, at the run's
+                          output throughput and at its goodput (the tokens that met the SLO).
 
 These follow vLLM's ``benchmark_serving`` (its ``mean_tpot_ms`` also excludes the first token).
 One detail differs: vLLM takes TPOT's numerator as E2E - TTFT, labkit as last - first token time.
@@ -30,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 STATS_KEYS = ("mean", "p50", "p90", "p99")
+SLO_KEYS = ("ttft_s", "tpot_s", "e2e_s")  # per-request metrics an SLO can limit (seconds)
+BENCH_KINDS = ("latency", "batching", "cache", "quant", "serve")  # ``labkit bench KIND``
 
 
 def stats(values: Iterable[float | None]) -> dict[str, float]:
@@ -44,12 +52,16 @@ def stats(values: Iterable[float | None]) -> dict[str, float]:
 def summarize(completions: Sequence, duration_s: float, *, name: str,
               batch_size: int | None = None, concurrency: int | None = None,
               request_rate: float | None = None, slo: dict[str, float] | None = None,
-              **extra) -> dict:
+              failed: int | None = None, **extra) -> dict:
     """One ``runs[]`` entry of the bench JSON contract from completions and the run's wall time.
 
     ``completions`` need ``ttft_s``, ``tpot_s``, ``itl_s``, ``e2e_s`` and ``output_tokens`` (the
-    engines' ``Completion`` has them). ``slo`` maps a metric name (``ttft_s``, ``tpot_s``,
-    ``e2e_s``) to a limit in seconds; a request counts towards goodput if it meets all of them.
+    engines' ``Completion`` has them). ``slo`` maps a metric name (``SLO_KEYS``) to a limit in
+    seconds; a request counts towards goodput if it meets all of them (``meets_slo``), and the
+    run gets ``slo``, ``slo_attainment``, ``goodput_requests_per_s`` and
+    ``goodput_output_tokens_per_s``. ``failed`` (given: a field of the run): requests that got
+    no answer, not in ``completions`` nor in the statistics; they count against
+    ``slo_attainment``.
     """
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
@@ -70,25 +82,52 @@ def summarize(completions: Sequence, duration_s: float, *, name: str,
         "itl_s": stats(gap for c in completions for gap in c.itl_s),
         "e2e_s": stats(c.e2e_s for c in completions),
     }
+    if failed is not None:
+        run["failed"] = failed
     if slo:
-        good = sum(all(_meets(_slo_value(c, key), limit) for key, limit in slo.items())
-                   for c in completions)
+        good = [c for c in completions if meets_slo(c, slo)]
+        asked = n + (failed or 0)
         run["slo"] = dict(slo)
-        run["goodput_requests_per_s"] = good / duration_s
+        run["slo_attainment"] = len(good) / asked if asked else math.nan
+        run["goodput_requests_per_s"] = len(good) / duration_s
+        run["goodput_output_tokens_per_s"] = sum(c.output_tokens for c in good) / duration_s
     run.update(extra)
     return run
 
 
-def _slo_value(completion, key: str) -> float | None:
-    """A request's value for an SLO; like vLLM, a request with < 2 tokens has TPOT 0 there."""
-    value = getattr(completion, key)
-    if key == "tpot_s" and value is None:
-        return 0.0
-    return value
+def check_slo(slo: dict[str, float]) -> dict[str, float]:
+    """``slo`` if every key is one of ``SLO_KEYS`` and every limit a number > 0 (seconds)."""
+    for key, limit in slo.items():
+        if key not in SLO_KEYS:
+            raise ValueError(f"unknown SLO metric {key!r}; choose from: {', '.join(SLO_KEYS)}")
+        if not (isinstance(limit, (int, float)) and limit > 0):
+            raise ValueError(f"SLO limit {key}={limit!r} must be a number of seconds > 0")
+    return slo
 
 
-def _meets(value: float | None, limit: float) -> bool:
-    return value is not None and value <= limit
+def meets_slo(completion, slo: dict[str, float]) -> bool:
+    """True if the request met every limit of ``slo`` (metric name -> seconds, ``SLO_KEYS``).
+
+    Like vLLM, a request with fewer than 2 tokens has TPOT 0 here; one with no token has no
+    TTFT and fails a TTFT limit.
+    """
+    for key, limit in check_slo(slo).items():
+        value = getattr(completion, key)
+        if key == "tpot_s" and value is None:
+            value = 0.0
+        if value is None or value > limit:
+            return False
+    return True
+
+
+def usd_per_million_tokens(tokens_per_s: float, usd_per_hour: float) -> float:
+    """What a million tokens cost (USD) at ``tokens_per_s`` on a machine of ``usd_per_hour``
+    USD/hour: ``usd_per_hour / (tokens_per_s * 3600) * 1e6``; inf when no token was made."""
+    if not (isinstance(usd_per_hour, (int, float)) and usd_per_hour >= 0):
+        raise ValueError(f"GPU cost must be >= 0 USD per hour, got {usd_per_hour!r}")
+    if tokens_per_s <= 0:
+        return math.inf
+    return usd_per_hour / (tokens_per_s * 3600.0) * 1e6
 
 
 def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
@@ -98,9 +137,8 @@ def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
     from labkit import __version__
     from labkit.device import device_name
 
-    kinds = ("latency", "batching", "cache", "quant", "serve")
-    if kind not in kinds:
-        raise ValueError(f"unknown bench kind {kind!r}; choose one of: {', '.join(kinds)}")
+    if kind not in BENCH_KINDS:
+        raise ValueError(f"unknown bench kind {kind!r}; choose one of: {', '.join(BENCH_KINDS)}")
     return {
         "bench": kind,
         "device": device or device_name(),
@@ -113,7 +151,7 @@ def bench_document(kind: str, runs: list[dict], *, engine: str, model: str,
     }
 
 
-def records_frame(completions: Sequence):
+def requests_frame(completions: Sequence):
     """One row per request: ids, token counts, ttft_s, tpot_s, mean_itl_s, e2e_s (seconds)."""
     import pandas as pd
 

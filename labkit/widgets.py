@@ -10,8 +10,9 @@ code runs headless without errors. Feed it completions as they finish::
         ``output_tokens``) ...
     view.finish()
 
-Latency is E2E seconds over the last ``window`` requests; throughput is output tokens/s and
-requests/s since ``start``. Widget updates are throttled to one per ``refresh_s`` seconds.
+Latency is E2E over the last ``window`` requests (``labkit.metrics.stats``, shown in ms);
+throughput is output tokens/s and requests/s since ``start``. Widget updates are throttled to
+one per ``refresh_s`` seconds. Used by the serving lab's load tests (lab 05).
 """
 
 from __future__ import annotations
@@ -77,14 +78,13 @@ class LoadTestView:
 
     def snapshot(self, t: float | None = None) -> dict:
         """The current numbers: done, failed, p50/p99 E2E (ms), output tokens/s, requests/s."""
-        import numpy as np
+        from labkit.metrics import stats
 
         t = time.perf_counter() if t is None else t
-        lat = np.array(self._lat) * 1e3
+        e2e = stats(self._lat)  # seconds; NaN before the first request is done
         elapsed = max(t - self._t0, 1e-9)
         return {"t_s": elapsed, "done": self.done, "failed": self.failed,
-                "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-                "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+                "p50_ms": e2e["p50"] * 1e3, "p99_ms": e2e["p99"] * 1e3,
                 "output_tokens_per_s": self.tokens / elapsed,
                 "requests_per_s": self.done / elapsed}
 

@@ -92,7 +92,7 @@ def test_ttft_never_exceeds_e2e_and_queueing_counts_from_send_time():
     result = asyncio.run(loadgen.closed_loop(server.send, requests(8), concurrency=2))
     for c in result.completions:
         assert 0 < c.ttft_s <= c.e2e_s
-    frame = metrics.records_frame(result.completions)
+    frame = metrics.requests_frame(result.completions)
     assert (frame["ttft_s"] <= frame["e2e_s"]).all()
     assert list(frame["output_tokens"]) == [3] * 8
 

@@ -1,4 +1,10 @@
-"""A load step against a Ray Serve deployment, sampled for replica counts, and its plot.
+"""Autoscaling measured: a step in load against a Ray Serve deployment, and what the replicas did.
+
+``load_step`` runs closed-loop clients that step from ``low`` to ``high`` and back while sampling
+the deployment's replica counts (running, and starting: decided but still loading) every second;
+``plot_load_step`` draws replicas and each request's E2E latency over time, so the lag between
+the load and the new replicas shows. Used by the scale-out lab (lab 06) on a
+``labkit.serving.deploy`` deployment.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ definitions, bench JSON contract):
   one batch after another. A batch is padded to its longest prompt and runs until its longest
   output is done. Latency is counted from the start of the request's own batch.
 - ``dynamic``: ``concurrency`` closed-loop clients send through
-  ``labkit.serving.batchers.DynamicBatcher`` (batches formed on the fly from whatever is waiting, ``max_batch_size``, ``max_wait_ms``).
+  ``labkit.serving.batchers.DynamicBatcher`` (batches formed on the fly from whatever is
+  waiting, up to ``max_batch_size``, after at most ``max_wait_ms``).
 - ``continuous``: ``concurrency`` closed-loop clients send single requests to an engine that
   schedules per decode step (``hf-cb``, ``vllm``): a finished request leaves at once and a new
   one joins at the next step.
@@ -24,10 +25,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from labkit.config import DEFAULT_MODEL
 from labkit.engines.base import Engine, Request, now
 from labkit.metrics import STATS_KEYS, bench_document, summarize
 
 WIDE_OUTPUT = dict(min_output_tokens=4, output_len_dist="lognormal")  # many short, a few long
+CONTINUOUS_ENGINES = ("hf-cb", "vllm", "none")  # what runs the continuous runs ("none": skip)
 
 
 def padding_fraction(lengths: Sequence[int], batch_size: int, sort: bool = False) -> float:
@@ -198,7 +201,7 @@ def default_sizes(profile: str) -> dict:
                   max_prompt_tokens=None, max_batches=8))
 
 
-def run_batching_bench(engine: str | Engine = "hf", model: str = "smollm2-135m",
+def run_batching_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
                        batch_sizes: Sequence[int] | None = None,
                        concurrencies: Sequence[int] | None = None,
                        num_requests: int | None = None, output_tokens: int | None = None,
@@ -277,7 +280,7 @@ def _continuous_name(continuous_engine: str | Engine | None) -> str:
         return "vllm" if has_cuda() and vllm_available() else "hf-cb"
     from labkit.config import choose
 
-    return choose(continuous_engine, ("hf-cb", "vllm", "none"), "continuous engine")
+    return choose(continuous_engine, CONTINUOUS_ENGINES, "continuous engine")
 
 
 def runs_frame(document: dict):

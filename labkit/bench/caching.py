@@ -1,11 +1,11 @@
-"""The caching lab's workloads and benches: a Zipf request stream, the hit ratio an exact cache
-would reach on it, the latency of the hit and miss paths through a real engine, and TTFT with a
-long shared prefix (what vLLM's prefix caching saves).
+"""``labkit bench cache`` and the caching lab's (lab 03) workloads: a Zipf request stream, the
+hit ratio an exact cache would reach on it, the latency of the hit and miss paths through a real
+engine, and TTFT with a long shared prefix (what vLLM's prefix caching saves).
 
 Workloads. ``zipf_workload`` draws prompts with Zipf popularity and a set share of repeats
 (``repeat_fraction``); ``simulate_hit_ratio`` replays such a stream through an LRU of a given
 capacity without an engine. ``run_cache_bench`` times the two paths for real and writes the bench
-JSON (runs ``"miss"``, ``"hit"``, ``"workload"``).
+JSON (runs ``"miss"``, ``"hit"``, ``"workload"``), one ``PathTiming`` per request.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def prefix_sharing_ttft(engine, *, num_requests: int = 8, prefix_sentences: int 
 
 # -- the bench -------------------------------------------------------------------------------
 @dataclass
-class PathRecord:
+class PathTiming:
     """One request's latency through the cache, shaped like a Completion for ``summarize``.
 
     A hit streams nothing token by token: the whole answer arrives at once, so
@@ -149,7 +149,7 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
     ns = f"{namespace(model)}-bench-{uuid.uuid4().hex[:8]}"
     cache = ResponseCache(model, backend, url=url, ns=ns)
     stream = zipf_workload(num_requests, repeat_fraction, seed=seed)
-    records: list[PathRecord] = []
+    timings: list[PathTiming] = []
     try:
         engine.warmup()
         t_run = time.perf_counter()
@@ -160,12 +160,12 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
             value = cache.get(key)
             if value is not None:
                 dt = time.perf_counter() - t0
-                records.append(PathRecord(dt, dt, len(value["token_ids"]), hit=True))
+                timings.append(PathTiming(dt, dt, len(value["token_ids"]), hit=True))
                 continue
             lookup = time.perf_counter() - t0
             done = engine.generate([request])[0]
             cache.put(key, done)
-            records.append(PathRecord(time.perf_counter() - t0,
+            timings.append(PathTiming(time.perf_counter() - t0,
                                       None if done.ttft_s is None else lookup + done.ttft_s,
                                       done.output_tokens, done.tpot_s, done.itl_s))
         duration = time.perf_counter() - t_run
@@ -173,14 +173,14 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
         cache.clear()
         if own:
             engine.close()
-    hits = [r for r in records if r.hit]
-    misses = [r for r in records if not r.hit]
+    hits = [r for r in timings if r.hit]
+    misses = [r for r in timings if not r.hit]
     runs = []
-    for name, recs in (("miss", misses), ("hit", hits)):
-        if recs:
-            runs.append(summarize(recs, sum(r.e2e_s for r in recs), name=name, concurrency=1))
-    runs.append(summarize(records, duration, name="workload", concurrency=1,
-                          hit_ratio=len(hits) / len(records), repeat_fraction=repeat_fraction,
+    for name, group in (("miss", misses), ("hit", hits)):
+        if group:
+            runs.append(summarize(group, sum(r.e2e_s for r in group), name=name, concurrency=1))
+    runs.append(summarize(timings, duration, name="workload", concurrency=1,
+                          hit_ratio=len(hits) / len(timings), repeat_fraction=repeat_fraction,
                           tokens_saved=sum(r.output_tokens for r in hits),
                           unique_prompts=len(set(stream)), max_tokens=max_tokens))
     return bench_document("cache", runs, engine=getattr(engine, "name", type(engine).__name__),

@@ -1,4 +1,4 @@
-"""``labkit bench serve --url URL``: load an OpenAI-compatible server and time every token.
+"""The load tools' OpenAI-compatible HTTP client: streaming requests, every chunk time stamped.
 
 The client streams chat completions (``stream: true``) with httpx and stamps each SSE chunk
 that carries text as it arrives: TTFT, ITL and E2E are what a client of that server sees, over

@@ -1,4 +1,13 @@
-"""The course's reference service measured: its defects, and against ``InferenceService``.
+"""The course page's reference service measured: its defects, and against ``InferenceService``.
+
+- ``measure_reference_defects``: the seed service (``labkit.serving.reference``) under concurrent
+  callers: answers given to the wrong caller, duplicate generations, a blocked event loop, a
+  caller's ``max_tokens`` ignored, each counted.
+- ``compare_naive_and_fixed``: the same requests through the seed service and the fixed one:
+  throughput, latency and wrong answers side by side.
+- ``service_vs_offline``: what the service's request path costs against one offline batch.
+
+Used by the batching lab (lab 02) and the serving lab (lab 05).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""``labkit bench serve``: load an OpenAI-compatible server.
+"""``labkit bench serve``: load a running OpenAI-compatible server, one run per concurrency or rate.
+
+The requests go through the HTTP client of ``labkit.bench.client`` (streaming, each chunk time
+stamped), so every figure is what a client of that server sees; a labkit server's response
+cache is bypassed unless asked for, so the runs time the model. Used by the serving lab (lab 05)
+and against any server (labkit's, vLLM's).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ def run_serve_bench(url: str, concurrencies: Sequence[int] = (1, 4, 16),
     """The ``serve`` bench: one run per concurrency (or one open-loop run at ``request_rate``).
 
     Requests: ``labkit.bench.workloads.make_workload(num_requests, ...)`` (chat, greedy,
-    ``ignore_eos``) unless ``workload`` is given. ``warmup`` requests are sent first and not counted. Each run
-    has the contract's fields plus ``failed`` (requests with an HTTP error; the statistics are
-    over the others), ``cache_hits`` (labkit servers: hits during the run), ``stream`` and
-    ``server_cache``. Requests bypass a labkit server's response cache unless ``server_cache``
-    (see ``load_sender``), so every run times the model. ``view``: a ``labkit.widgets`` live view
-    (its ``start``/``update``/``finish`` are called). Writes ``json_path`` if given.
+    ``ignore_eos``) unless ``workload`` is given. ``warmup`` requests are sent first and not
+    counted. Each run has the contract's fields plus ``failed`` (requests with an HTTP error;
+    the statistics are over the others), ``cache_hits`` (labkit servers: hits during the run),
+    ``stream`` and ``server_cache``. Requests bypass a labkit server's response cache unless
+    ``server_cache`` (see ``load_sender``), so every run times the model. ``view``: a
+    ``labkit.widgets`` live view (its ``start``/``update``/``finish`` are called). Writes
+    ``json_path`` if given.
     """
     from labkit.bench.loadgen import run_sync
     from labkit.bench.workloads import make_workload

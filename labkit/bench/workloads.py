@@ -1,4 +1,14 @@
-"""Workloads: requests built from data/prompts.jsonl.
+"""Workloads: the requests every bench and lab sends, built from data/prompts.jsonl.
+
+- ``make_workload``: ``n`` distinct greedy chat requests, shuffled with a seed, each with an exact
+  output length (``ignore_eos``) drawn by ``output_lengths`` (fixed, uniform or lognormal: many
+  short, a few long, as in chat traffic).
+- ``short_workload``: fixed-length requests over the bundled prompts of at most
+  ``max_prompt_chars`` characters, so a CPU's comparisons stay about decode rather than prefill
+  (the serving lab, lab 05).
+- ``prompt_of_length``: plain text of about ``n`` tokens, for latency sweeps over prompt length.
+- ``distinct_prompt``: past the prompt pool's size, requests are numbered, so no two are the
+  same and no cache turns a load test into a cache test.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ OUTPUT_LEN_DISTS = ("fixed", "uniform", "lognormal")
 
 
 def load_prompts(path: str | Path = PROMPTS_PATH) -> list[dict]:
-    """The prompt records (``prompt``, ``category``) of a JSONL file."""
+    """The rows (``{"prompt", "category"}``) of a JSONL prompts file."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"no prompts in {path}")
@@ -104,8 +114,6 @@ def short_workload(n: int, output_tokens: int, *, max_prompt_chars: int = 120, c
     (``labkit.bench.workloads.distinct_prompt``). Padding a static batch to one long prompt makes a
     CPU prefill-bound, which hides what batching does for decode; short prompts keep the
     serving lab's comparisons about decode."""
-    from labkit.bench.workloads import distinct_prompt, load_prompts
-
     prompts = [r["prompt"] for r in load_prompts() if len(r["prompt"]) <= max_prompt_chars]
     if not prompts:
         raise ValueError(f"no bundled prompt has <= {max_prompt_chars} characters")

@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from labkit.config import LAB_NOTEBOOKS
+
+SOURCE_DIR, RELEASE_DIR = "notebooks", "release"  # solution and student notebooks (relative)
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 _DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
@@ -105,8 +108,8 @@ def student_notebook(nb):
     return out
 
 
-def make_student_notebooks(src_dir: str | Path = "notebooks", out_dir: str | Path = "release",
-                           pattern: str = "[0-9][0-9]_*.ipynb") -> list[Path]:
+def make_student_notebooks(src_dir: str | Path = SOURCE_DIR, out_dir: str | Path = RELEASE_DIR,
+                           pattern: str = LAB_NOTEBOOKS) -> list[Path]:
     """Write a student version of every solution notebook in ``src_dir`` to ``out_dir``.
 
     Returns the written paths, sorted. Raises ValueError naming notebook and cell for unbalanced

@@ -1,4 +1,10 @@
-"""Jupyter kernels for headless runs, and where their state lives.
+"""Jupyter kernels for headless runs (``labkit run``, ``labkit grade``), and where their state lives.
+
+``prepare_kernel`` registers a kernel spec that runs *this* Python (``sys.executable``), with
+optional extra environment (a GPU to see, the grader's mark), in a project-local or temporary
+Jupyter dir, so a run works as root, with a read-only home and without a system-wide Jupyter
+install; ``remove_kernel`` deletes a spec made for one run. ``state_dir`` is where Jupyter,
+IPython and matplotlib keep their state meanwhile.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The HTML report of a ``labkit run``.
+"""The HTML report of a ``labkit run``: one self-contained file an instructor can open anywhere.
+
+``render_report`` writes the environment (device, profile, parameters, versions) and then, per
+lab, its status and time, its records, its claims with their verdicts, its plots (embedded as
+base64 data URIs, taken from the executed notebook by ``plots_of``) and, for a failed lab, the
+failing cell's source and traceback.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from labkit.config import ENGINES, choose
+from labkit.config import DEFAULT_MODEL, ENGINES, choose
 from labkit.engines.base import Completion, Engine, Request
 from labkit.engines.counting import CountingEngine
 
@@ -37,7 +37,7 @@ def resolve_engine(name: str) -> str:
     return "vllm" if has_cuda() and vllm_available() else "hf"
 
 
-def get_engine(name: str = "auto", model: str = "smollm2-135m", **kwargs) -> Engine:
+def get_engine(name: str = "auto", model: str = DEFAULT_MODEL, **kwargs) -> Engine:
     """Build an engine by name (see the table above); ``kwargs`` go to its constructor."""
     name = resolve_engine(name)
     if name == "hf":

@@ -64,7 +64,7 @@ class Request:
 
 class TokenTimings:
     """TTFT, TPOT, ITL and E2E (seconds) of anything with ``start_s``, ``token_times_s`` and
-    ``end_s``: an engine's Completion or an HTTP client's record."""
+    ``end_s``: an engine's Completion or the HTTP client's ``HTTPCompletion``."""
 
     start_s: float
     token_times_s: list[float]
