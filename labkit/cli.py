@@ -57,7 +57,7 @@ def _cmd_generate(args) -> int:
     print(f"[{engine.name} | {args.model}] {c.prompt_tokens} prompt tokens, "
           f"{c.output_tokens} output tokens ({c.finish_reason}); "
           f"TTFT {c.ttft_s * 1e3:.1f} ms, decode {tps:.1f} tokens/s, "
-          f"E2E {c.e2e_s * 1e3:.1f} ms", file=sys.stderr if args.quiet_stats else sys.stdout)
+          f"E2E {c.e2e_s * 1e3:.1f} ms", file=sys.stderr if args.timings_to_stderr else sys.stdout)
     return 0
 
 
@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "template")
     p.add_argument("--warmup", action="store_true", help="run a tiny generation first, so the "
                    "timings exclude one-time start-up costs")
-    p.add_argument("--quiet-stats", action="store_true", help="print the timing line to stderr")
+    p.add_argument("--timings-to-stderr", action="store_true",
+                   help="print the timing line to stderr (stdout keeps only the text)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="run a benchmark and write the bench JSON (labkit/metrics.py)")

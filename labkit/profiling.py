@@ -5,7 +5,7 @@
   ``synchronize`` measures launch time, not compute. ``naive_time`` is that wrong way, kept
   only to show the trap. ``time_fn`` also warms up first, so lazy init and compilation stay out.
 - ``profile_ops``: torch.profiler's per-op table (time in ms) and an optional Chrome trace.
-- ``memory_stats``: CUDA allocated/peak bytes from torch, or the process RSS on CPU (/proc).
+- ``memory_usage``: CUDA allocated/peak bytes from torch, or the process RSS on CPU (/proc).
 - ``kv_cache_bytes_per_token``, ``decode_roofline``: decoding one token reads every weight
   (``labkit.sizes.weight_bytes``) and the whole KV cache once, so memory bandwidth bounds tokens/s.
 - ``memory_bandwidth``: the datasheet HBM figure on a known GPU; on CPU (no spec table) a measured
@@ -186,7 +186,7 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
-def memory_stats(device=None) -> dict[str, int | str]:
+def memory_usage(device=None) -> dict[str, int | str]:
     """Current and peak memory of this process on ``device``, in bytes.
 
     CUDA: ``allocated_bytes`` / ``peak_allocated_bytes`` (tensors torch holds) and

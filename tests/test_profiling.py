@@ -136,10 +136,10 @@ def test_unknown_gpu_has_no_datasheet_figure():
     assert device.gpu_spec("NVIDIA GeForce GTX 1080") is None
 
 
-def test_cpu_memory_stats_report_rss_and_peak():
-    stats = profiling.memory_stats("cpu")
-    assert stats["device"] == "cpu"
-    assert 0 < stats["rss_bytes"] <= stats["peak_rss_bytes"]
+def test_cpu_memory_usage_reports_rss_and_peak():
+    usage = profiling.memory_usage("cpu")
+    assert usage["device"] == "cpu"
+    assert 0 < usage["rss_bytes"] <= usage["peak_rss_bytes"]
 
 
 def test_profiler_table_names_the_matmuls_and_writes_a_trace(tiny_llama, tmp_path):

@@ -28,6 +28,7 @@ from pathlib import Path
 from labkit.config import DEFAULT_MODEL
 from labkit.engines.base import Engine, Request, now
 from labkit.metrics import STATS_KEYS, bench_document, summarize
+from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_WAIT_MS, DynamicBatcher
 
 WIDE_OUTPUT = dict(min_output_tokens=4, output_len_dist="lognormal")  # many short, a few long
 CONTINUOUS_ENGINES = ("hf-cb", "vllm", "none")  # what runs the continuous runs ("none": skip)
@@ -145,14 +146,14 @@ def static_sweep(engine: Engine, requests: Sequence[Request], batch_sizes: Seque
 
 
 def dynamic_run(engine: Engine, requests: Sequence[Request], concurrency: int,
-                max_batch_size: int = 16, max_wait_ms: float = 10.0, workload: str = "") -> dict:
+                max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = MAX_WAIT_MS,
+                workload: str = "") -> dict:
     """``concurrency`` closed-loop clients through a ``DynamicBatcher``: one ``"dynamic"`` run.
 
     Extra fields: ``max_batch_size``, ``max_wait_ms``, ``mean_batch_size`` (requests per engine
     call), ``workload``. TTFT and E2E count from when the client sent the request.
     """
     from labkit.bench.loadgen import closed_loop, run_sync
-    from labkit.serving.batchers import DynamicBatcher
 
     async def main():
         async with DynamicBatcher(engine, max_batch_size=max_batch_size,
@@ -207,7 +208,7 @@ def run_batching_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
                        num_requests: int | None = None, output_tokens: int | None = None,
                        max_output_tokens: int | None = None,
                        continuous_engine: str | Engine | None = None,
-                       max_wait_ms: float = 10.0, profile: str | None = None,
+                       max_wait_ms: float = MAX_WAIT_MS, profile: str | None = None,
                        max_prompt_tokens: int | str | None = "profile",
                        json_path: str | Path | None = None, progress: bool = True) -> dict:
     """The ``batching`` bench (see module doc); returns the bench document.

@@ -1,4 +1,4 @@
-"""Jupyter kernels for headless runs (``labkit run``, ``labkit grade``), and where their state lives.
+"""Jupyter kernels for headless runs (``labkit run``, ``labkit grade``) and where state lives.
 
 ``prepare_kernel`` registers a kernel spec that runs *this* Python (``sys.executable``), with
 optional extra environment (a GPU to see, the grader's mark), in a project-local or temporary
