@@ -4,8 +4,9 @@
 output of its own MIME type, so it survives papermill execution and can be read back from the
 executed ``.ipynb`` without running anything (``read_records``, ``cell_records``). The names a
 grader's injected cells use are defined here too, next to the format they bend: their records'
-names start with ``GRADER_PREFIX`` and the cells carry ``GRADER_KEY`` in their metadata, so a
-run's report and failure locations can leave them out (``labkit.course.runner``).
+names start with ``GRADER_PREFIX`` (``labkit.course.grading`` counts those only from its own
+cells) and the cells carry ``GRADER_KEY`` in their metadata (``labkit.course.runner`` leaves
+them out when it names the failing cell).
 """
 
 from __future__ import annotations
