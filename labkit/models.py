@@ -216,13 +216,16 @@ def synthetic_path(name: str) -> Path:
 
 # --- loading ----------------------------------------------------------------------------------
 
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")  # start-up lines of optional kernels, enums
+
+
 def quiet_library_logs() -> None:
     """Silence start-up warnings students cannot act on: transformers imports torchao, which
     logs a line per optional CUDA kernel library it cannot load on this machine and makes torch
     log an Enum deprecation per registered type. Real errors still raise."""
     import logging
 
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 

@@ -66,12 +66,14 @@ def import_torchao():
     kernels, pytree deprecation notices) silenced: they are timestamped noise on CPU."""
     import logging
 
+    from labkit.models import NOISY_LOGGERS
+
     # torchao registers enums with torch's pytree later too (when transformers loads a model);
     # torch logs a deprecation line each time. Drop exactly that message, nothing else.
     pytree = logging.getLogger("torch.utils._pytree")
     if not any(isinstance(f, _EnumNoticeFilter) for f in pytree.filters):
         pytree.addFilter(_EnumNoticeFilter())
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

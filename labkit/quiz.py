@@ -28,9 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.config import DATA_DIR
+from labkit.config import RUBRIC_DIR
 
-RUBRIC_DIR = DATA_DIR / "rubrics"
 KINDS = ("choice", "number")
 
 

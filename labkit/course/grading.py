@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from labkit.config import DATA_DIR
+from labkit.config import DATA_DIR, RUBRIC_DIR
 from labkit.course.rubric import Check, Rubric, load_rubric
 from labkit.records import GRADER_KEY, GRADER_PREFIX, RECORD_MIME, cell_records
 
@@ -257,8 +257,9 @@ def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         work = Path(tmp) / "notebooks"
         work.mkdir()
-        if DATA_DIR.is_dir():
-            shutil.copytree(DATA_DIR, Path(tmp) / "data", ignore=shutil.ignore_patterns("rubrics"))
+        if DATA_DIR.is_dir():  # the lab's data, without the rubrics (answers, hidden checks)
+            shutil.copytree(DATA_DIR, Path(tmp) / "data",
+                            ignore=shutil.ignore_patterns(RUBRIC_DIR.name))
         try:
             nb = nbformat.read(path, as_version=4)
         except Exception as exc:
