@@ -129,14 +129,9 @@ def _cmd_bench(args) -> int:
         else:
             doc = run_quant_bench(args.model, methods=methods)
     else:  # serve
-        from labkit.bench.serve import run_serve_bench
+        from labkit.bench.serve import from_args
 
-        if not args.url:
-            raise ValueError("labkit bench serve needs --url (e.g. http://127.0.0.1:8000)")
-        doc = run_serve_bench(args.url, model=args.model, request_rate=args.rate,
-                              stream=not args.no_stream, server_cache=args.server_cache,
-                              **_given(concurrencies=_ints(args.concurrencies),
-                                       num_requests=args.num_requests))
+        doc = from_args(args, _ints(args.concurrencies))
     if json_path:
         write_json(doc, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
@@ -223,6 +218,8 @@ PORT = _number(int, at_least=0, at_most=65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from labkit.bench.serve import add_cli_args as serve_cli_args
+
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -267,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
     p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "
                    "per weight format on the compiled static-cache path (GPU; no perplexity)")
-    p.add_argument("--url", help="serve: base URL of an OpenAI-compatible server")
-    p.add_argument("--rate", type=_number(float, above=0),
-                   help="serve: open-loop Poisson rate (req/s)")
-    p.add_argument("--no-stream", action="store_true", help="serve: non-streaming requests")
-    p.add_argument("--server-cache", action="store_true", help="serve: let a labkit server "
-                   "answer repeats from its response cache (default: bypass it, time the model)")
+    serve_cli_args(p)
     p.add_argument("--static-cache", action="store_true", help="hf: static KV cache loop")
     p.add_argument("--compile", action="store_true", help="hf: compile the decode step "
                    "(CUDA graphs; needs --static-cache)")

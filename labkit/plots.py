@@ -7,6 +7,7 @@ without a unit is a bug, so a label without one raises.
 - ``line_plot``: one or more series against x (each series may have its own x); log axes.
 - ``bar_chart``: one value per label.
 - ``latency_throughput``: the serving trade-off, one point per setting, annotated.
+- ``latency_vs_rate``: latency percentiles against offered load, with the SLO and the knee.
 
 matplotlib is imported inside the functions, so ``import labkit.plots`` is cheap.
 """
@@ -103,3 +104,44 @@ def latency_throughput(throughput: Sequence[float], latency: Sequence[float],
         ax.legend()
     ax.grid(True, alpha=0.3)
     return ax
+
+
+def latency_vs_rate(series: Mapping[str, Sequence[Mapping]], slo: Mapping[str, float] | None = None,
+                    knees: Mapping[str, float | None] | None = None, *,
+                    metrics: Sequence[str] = ("ttft_s", "tpot_s"), title: str | None = None,
+                    axes=None):
+    """Latency under load (lab 05, section 7): one panel per metric (``ttft_s``, ``tpot_s``,
+    ``e2e_s``), its p50 (dashed) and p99 (solid) in ms against the offered rate (requests/s, log
+    scale), for each series (label -> bench ``runs[]`` entries with ``request_rate``); each SLO
+    limit of ``slo`` (seconds) as a red line, each series' knee (req/s) as a dotted line.
+    Returns the list of Axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6),
+                               layout="constrained", squeeze=False)
+        axes = list(axes[0])
+    for ax, metric in zip(axes, metrics):
+        for i, (label, runs) in enumerate(series.items()):
+            runs = sorted(runs, key=lambda r: r["request_rate"])
+            rates = [r["request_rate"] for r in runs]
+            color = f"C{i}"
+            for stat, style in (("p99", "o-"), ("p50", "o--")):
+                values = [r[metric][stat] for r in runs]
+                ax.plot(rates, [v * 1e3 if v is not None else float("nan") for v in values],
+                        style, color=color, label=f"{label} {stat}", alpha=1 if stat == "p99"
+                        else 0.6)
+            knee = (knees or {}).get(label)
+            if knee is not None:
+                ax.axvline(knee, color=color, linestyle=":", label=f"{label} knee {knee:g} req/s")
+        if slo and metric in slo:
+            ax.axhline(slo[metric] * 1e3, color="red", linewidth=1, label="SLO")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(_check_label("offered rate (requests/s)", "xlabel"))
+        ax.set_ylabel(_check_label(f"{metric.removesuffix('_s').upper()} (ms)", "ylabel"))
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        axes[0].figure.suptitle(title)
+    return axes

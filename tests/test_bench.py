@@ -64,9 +64,9 @@ def test_closed_loop_with_more_clients_than_requests_sends_each_once():
 
 def test_open_loop_arrivals_follow_the_requested_rate():
     rate, n = 400.0, 300
-    arrivals = loadgen.poisson_arrivals(n, rate, seed=7)
-    assert arrivals == loadgen.poisson_arrivals(n, rate, seed=7)  # seeded: reproducible
-    assert arrivals != loadgen.poisson_arrivals(n, rate, seed=8)  # and the seed is used
+    arrivals = loadgen.arrival_times(n, rate, seed=7)
+    assert arrivals == loadgen.arrival_times(n, rate, seed=7)  # seeded: reproducible
+    assert arrivals != loadgen.arrival_times(n, rate, seed=8)  # and the seed is used
     assert arrivals[0] == 0.0 and arrivals == sorted(arrivals)
     assert statistics.fmean(b - a for a, b in zip(arrivals, arrivals[1:])) == \
         pytest.approx(1 / rate, rel=0.15)

@@ -90,7 +90,6 @@ def test_cli_bad_engine_exits_nonzero_with_choices():
     (["serve", "--port", "99999"], "argument --port: must be <= 65535, got 99999"),
     (["bench", "cache", "--num-requests", "0"], "argument --num-requests: must be >= 1, got 0"),
     (["run", "--timeout", "-1"], "argument --timeout: must be > 0, got -1"),
-    (["bench", "serve", "--url", "http://x", "--rate", "0"], "argument --rate: must be > 0, got 0"),
     (["generate", "hi", "--max-tokens", "many"],
      "argument --max-tokens: expected an integer, got 'many'"),
 ])
@@ -107,6 +106,8 @@ def test_cli_bad_numbers_are_refused_before_anything_runs(argv, message, capsys)
     (["run", "no_such_lab.ipynb"], "labkit run: error: notebook 'no_such_lab.ipynb' not found"),
     (["bench", "serve", "--url", "http://127.0.0.1:9"],
      "labkit bench: error: cannot reach an OpenAI-compatible server at 'http://127.0.0.1:9'"),
+    (["bench", "serve", "--url", "http://x", "--request-rates", "0"],
+     "labkit bench: error: request rate '0' must be > 0 requests/s"),
 ])
 def test_cli_missing_inputs_are_one_line_errors_not_tracebacks(argv, message, capsys):
     from labkit.cli import main

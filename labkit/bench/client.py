@@ -7,8 +7,9 @@ server's ``usage`` (``stream_options.include_usage``); TPOT is (last chunk - fir
 (tokens - 1) (``labkit.metrics``). Works against labkit's server, vLLM's and any OpenAI-compatible
 one (``ignore_eos`` is vLLM's extension; other servers may ignore it).
 
-Load comes from ``labkit.bench.loadgen``: closed loop (one run per concurrency) or open loop
-(Poisson ``request_rate`` req/s, the concurrency then caps nothing and is reported as None).
+Load comes from ``labkit.bench.loadgen``: closed loop (``concurrency`` clients) or open loop
+(``request_rate`` req/s on their own schedule, Poisson or gamma with a ``burstiness``, at most
+``max_concurrency`` in flight; the run's ``concurrency`` is then None).
 """
 
 from __future__ import annotations
@@ -164,18 +165,21 @@ async def load_sender(url: str, model: str, *, stream: bool = True, in_flight: i
 
 async def serve_load(url: str, requests: Sequence[Request], *, model: str,
                      concurrency: int | None = None, request_rate: float | None = None,
+                     burstiness: float = 1.0, max_concurrency: int | None = None,
                      stream: bool = True, on_done: Callable | None = None, seed: int = 0,
                      server_cache: bool = False):
     """One load run against ``url``: closed loop at ``concurrency`` or open loop at
-    ``request_rate`` req/s. Returns ``labkit.bench.loadgen.LoadResult`` (its completions are
-    ``HTTPCompletion``). ``on_done(completion)`` is called as each request finishes.
-    ``server_cache``: let the server answer from its response cache (see ``load_sender``)."""
+    ``request_rate`` req/s (``burstiness``, ``max_concurrency``: ``loadgen.open_loop``).
+    Returns ``labkit.bench.loadgen.LoadResult`` (its completions are ``HTTPCompletion``).
+    ``on_done(completion)`` is called as each request finishes. ``server_cache``: let the
+    server answer from its response cache (see ``load_sender``)."""
     from labkit.bench.loadgen import closed_loop, open_loop
 
     if (concurrency is None) == (request_rate is None):
         raise ValueError("give exactly one of concurrency= (closed loop) or request_rate= "
                          f"(open loop); got {concurrency!r}, {request_rate!r}")
-    async with load_sender(url, model, stream=stream, in_flight=concurrency or 64,
+    async with load_sender(url, model, stream=stream,
+                           in_flight=concurrency or max_concurrency or 64,
                            server_cache=server_cache) as send:
         if on_done is not None:
             inner = send
@@ -186,7 +190,8 @@ async def serve_load(url: str, requests: Sequence[Request], *, model: str,
                 return done
         if concurrency is not None:
             return await closed_loop(send, requests, concurrency)
-        return await open_loop(send, requests, request_rate, seed=seed)
+        return await open_loop(send, requests, request_rate, burstiness=burstiness,
+                               max_concurrency=max_concurrency, seed=seed)
 
 
 def server_info(url: str) -> dict:
@@ -209,8 +214,3 @@ def server_info(url: str) -> dict:
     except (httpx.HTTPError, ValueError):
         pass
     return info
-
-
-# --- in-process measurements for the serving lab ------------------------------------------------
-
-

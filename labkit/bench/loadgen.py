@@ -1,4 +1,17 @@
 """Load generators: closed and open loop over any ``send(request)`` coroutine.
+
+- closed loop (``closed_loop``): ``concurrency`` clients, each sends its next request when its
+  last one is answered. The server sets the pace: a slow server simply receives fewer requests,
+  so its queue never grows and its latency looks fine (coordinated omission).
+- open loop (``open_loop``): requests arrive on their own schedule (``arrival_times``: Poisson,
+  or gamma with a ``burstiness``), whatever the server does. Each request is timed from its
+  *scheduled* send time, so a request that waits inside the client (behind ``max_concurrency``,
+  or behind a busy event loop) counts that wait; vLLM's ``bench serve`` started the clock when a
+  slot was free and hid it (vllm-project/vllm issue #54101).
+
+Both count what is in the system: ``max_in_flight`` (requests sent and unanswered at once, at
+most) and ``mean_in_system`` (the time average of requests due and unanswered, a wait in the
+client included: the L of Little's law L = throughput x mean latency).
 """
 
 from __future__ import annotations
@@ -7,19 +20,30 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import math
+import numbers
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from labkit.config import SEED
 from labkit.engines.base import Completion, Engine, Request, now
-from labkit.metrics import summarize
+from labkit.metrics import stats, summarize
 
 Sender = Callable[[Request], Awaitable[Completion]]
 
 
 @dataclass
 class LoadResult:
-    """Completions of one load run, its wall time (s) and the most requests in flight at once."""
+    """Completions of one load run (in request order) and what the load generator saw.
+
+    ``duration_s``: wall time from the first send to the last answer (s). ``max_in_flight``:
+    most requests sent to the server and not yet answered at once. ``mean_in_system``: time
+    average of the requests due and not yet answered (requests; open loop: from each request's
+    dispatch, so a wait for a ``max_concurrency`` slot counts). ``send_delay_s``: per request,
+    the actual send time minus the scheduled one (s): the wait for a slot plus the load
+    generator's own lateness (0 in closed loop, where a request is due when its client is
+    free). ``late_s``: per request, how late the load generator dispatched it (s; open loop),
+    the part of ``send_delay_s`` that is the client's fault.
+    """
 
     completions: list[Completion]
     duration_s: float
@@ -27,87 +51,158 @@ class LoadResult:
     concurrency: int | None = None
     request_rate: float | None = None
     send_times_s: list[float] = dataclasses.field(default_factory=list)
+    mean_in_system: float = 0.0
+    send_delay_s: list[float] = dataclasses.field(default_factory=list)
+    late_s: list[float] = dataclasses.field(default_factory=list)
+    burstiness: float | None = None
+    max_concurrency: int | None = None
 
     def summary(self, name: str, slo: dict[str, float] | None = None, **extra) -> dict:
-        """One ``runs[]`` entry of the bench JSON contract (``labkit.metrics.summarize``)."""
+        """One ``runs[]`` entry of the bench JSON contract (``labkit.metrics.summarize``) plus
+        the load generator's ``max_in_flight`` and ``mean_in_system`` (requests); open loop adds
+        ``burstiness``, ``max_concurrency`` and ``late_s`` (STATS of the dispatch lateness, s)."""
+        fields = {"max_in_flight": self.max_in_flight, "mean_in_system": self.mean_in_system}
+        if self.request_rate is not None:
+            fields.update(burstiness=self.burstiness, max_concurrency=self.max_concurrency,
+                          late_s=stats(self.late_s))
         return summarize(self.completions, self.duration_s, name=name,
                          concurrency=self.concurrency, request_rate=self.request_rate, slo=slo,
-                         **extra)
+                         **fields, **extra)
 
 
-class _InFlight:
+class _Count:
+    """A count of requests over time: its largest value and its time integral (request-s)."""
+
     def __init__(self) -> None:
         self.now = self.max = 0
+        self.area = 0.0
+        self.since = now()
 
-    async def run(self, send: Sender, request: Request, sent: list[float]) -> Completion:
+    def change(self, delta: int) -> None:
         t = now()
-        sent.append(t)
-        self.now += 1
+        self.area += self.now * (t - self.since)
+        self.now, self.since = self.now + delta, t
         self.max = max(self.max, self.now)
-        try:
-            completion = await send(request)
-        finally:
-            self.now -= 1
-        # Client view: the request started when it was sent (queueing included).
-        return dataclasses.replace(completion, start_s=min(completion.start_s, t))
+
+    def mean(self, duration_s: float) -> float:
+        """Time-average of the count over ``duration_s`` seconds ending now (requests)."""
+        self.change(0)
+        return self.area / duration_s if duration_s > 0 else 0.0
 
 
 async def closed_loop(send: Sender, requests: Sequence[Request], concurrency: int) -> LoadResult:
     """``concurrency`` clients share ``requests``; each sends its next one when the last returns.
 
-    Completions come back in request order.
+    Completions come back in request order, each timed from its send.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
     queue = list(enumerate(requests))[::-1]
     out: list[Completion | None] = [None] * len(requests)
-    tracker, sent = _InFlight(), []
+    tracker, sent = _Count(), []
 
     async def client() -> None:
         while queue:
             i, req = queue.pop()
-            out[i] = await tracker.run(send, req, sent)
+            t = now()
+            sent.append(t)
+            tracker.change(+1)
+            try:
+                completion = await send(req)
+            finally:
+                tracker.change(-1)
+            out[i] = dataclasses.replace(completion, start_s=min(completion.start_s, t))
 
-    start = now()
+    start = tracker.since = now()
     await asyncio.gather(*(client() for _ in range(min(concurrency, len(requests)))))
-    return LoadResult(list(out), now() - start, tracker.max, concurrency=concurrency,
-                      send_times_s=sorted(sent))
+    duration = now() - start
+    return LoadResult(list(out), duration, tracker.max, concurrency=concurrency,
+                      send_times_s=sorted(sent), mean_in_system=tracker.mean(duration),
+                      send_delay_s=[0.0] * len(requests))
 
 
-def poisson_arrivals(n: int, rate: float, seed: int = SEED) -> list[float]:
-    """Arrival offsets (s) of ``n`` requests at ``rate`` req/s: exponential gaps, first at 0.
+def arrival_times(n: int, rate: float, burstiness: float = 1.0, seed: int = SEED) -> list[float]:
+    """Scheduled send times (s from the start) of ``n`` requests offered at ``rate`` req/s.
 
-    ``rate=inf`` sends everything at once.
+    The gaps are gamma-distributed with shape ``burstiness`` and mean ``1 / rate`` (vLLM's
+    ``--burstiness``): 1 gives exponential gaps, a Poisson process; below 1 burstier, above 1
+    more even, ``inf`` evenly spaced. The first request is at 0, and like vLLM the gaps are
+    scaled so that the ``n`` arrivals span exactly ``(n - 1) / rate`` s: the offered rate is
+    the one asked for, whatever the seed. ``rate=inf`` sends everything at once.
     """
     import numpy as np
 
-    if not rate > 0:
-        raise ValueError(f"rate must be > 0 requests/s (or inf), got {rate!r}")
-    if math.isinf(rate):
+    check_rate(rate)
+    if not burstiness > 0:
+        raise ValueError(f"burstiness must be > 0 (1 = Poisson), got {burstiness!r}")
+    if math.isinf(rate) or n < 2:
         return [0.0] * n
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
-    gaps[0] = 0.0
-    return [float(v) for v in np.cumsum(gaps)]
+    if math.isinf(burstiness):
+        gaps = np.ones(n - 1)
+    else:
+        gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / burstiness, size=n - 1)
+    times = np.concatenate([[0.0], np.cumsum(gaps)])
+    return [float(v) for v in times * ((n - 1) / rate / times[-1])]
 
 
-async def open_loop(send: Sender, requests: Sequence[Request], rate: float,
+def check_rate(rate: float) -> float:
+    """``rate`` if it is a valid offered load (> 0 requests/s, or inf), else a ValueError."""
+    if not (isinstance(rate, numbers.Real) and rate > 0):
+        raise ValueError(f"request rate must be > 0 requests/s (or inf), got {rate!r}")
+    return rate
+
+
+async def open_loop(send: Sender, requests: Sequence[Request], rate: float, *,
+                    burstiness: float = 1.0, max_concurrency: int | None = None,
                     seed: int = SEED) -> LoadResult:
-    """Send ``requests`` at Poisson arrival times of ``rate`` req/s, never waiting for replies.
+    """Send ``requests`` at their ``arrival_times`` (``rate`` req/s), never waiting for replies.
 
-    Completions come back in request order.
+    At most ``max_concurrency`` requests are sent and unanswered at once (None: no cap); a
+    request that finds no free slot waits in the client. Every completion's ``start_s`` is its
+    *scheduled* send time, so TTFT and E2E include any wait in the client (for a slot, or behind
+    a late event loop). Completions come back in request order.
     """
-    arrivals = poisson_arrivals(len(requests), rate, seed)
-    tracker, sent = _InFlight(), []
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1 (or None: no cap), got "
+                         f"{max_concurrency!r}")
+    arrivals = arrival_times(len(requests), rate, burstiness, seed)
+    system, flight, sent = _Count(), _Count(), []
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    delays, late = [0.0] * len(requests), [0.0] * len(requests)
+
+    async def one(i: int, scheduled: float, req: Request) -> Completion:
+        late[i] = now() - scheduled
+        system.change(+1)
+        try:
+            if slots is not None:
+                await slots.acquire()
+            t = now()
+            sent.append(t)
+            delays[i] = t - scheduled
+            flight.change(+1)
+            try:
+                completion = await send(req)
+            finally:
+                flight.change(-1)
+                if slots is not None:
+                    slots.release()
+        finally:
+            system.change(-1)
+        return dataclasses.replace(completion, start_s=scheduled)
+
     tasks = []
-    start = now()
-    for offset, req in zip(arrivals, requests):
+    start = system.since = flight.since = now()
+    for i, (offset, req) in enumerate(zip(arrivals, requests)):
         delay = start + offset - now()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(tracker.run(send, req, sent)))
+        tasks.append(asyncio.create_task(one(i, start + offset, req)))
     out = await asyncio.gather(*tasks)
-    return LoadResult(list(out), now() - start, tracker.max, request_rate=rate,
-                      send_times_s=sorted(sent))
+    duration = now() - start
+    return LoadResult(list(out), duration, flight.max, request_rate=rate,
+                      send_times_s=sorted(sent), mean_in_system=system.mean(duration),
+                      send_delay_s=delays, late_s=late, burstiness=burstiness,
+                      max_concurrency=max_concurrency)
 
 
 def engine_sender(engine: Engine) -> Sender:
