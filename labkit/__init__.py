@@ -26,6 +26,7 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _API = {  # name -> the module that defines it
     "record": "labkit.records", "claim": "labkit.claims",
+    "ask": "labkit.quiz", "predict": "labkit.quiz", "reveal": "labkit.quiz",
     "by_profile": "labkit.config", "resolve_profile": "labkit.config",
     "Request": "labkit.engines", "get_engine": "labkit.engines",
     "InferenceService": "labkit.serving",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from labkit.bench.batching import CONTINUOUS_ENGINES
 from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
@@ -158,6 +159,11 @@ def _cmd_assign(args) -> int:
 
     for path in make_student_notebooks(args.src, args.out):
         print(path)
+    if args.answer_key:
+        from labkit.course.answer_key import answer_key
+
+        Path(args.answer_key).write_text(answer_key(args.src) + "\n")
+        print(args.answer_key)
     return 0
 
 
@@ -299,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assign", help="write student notebooks (solutions stubbed)")
     p.add_argument("--src", default=SOURCE_DIR, help="folder of the solution notebooks")
     p.add_argument("--out", default=RELEASE_DIR, help="folder for the student notebooks")
+    p.add_argument("--answer-key", metavar="FILE", help="also write the instructors' answer key "
+                   "(Markdown: knowledge checks, answers, why) to FILE; never hand it out")
     p.set_defaults(func=_cmd_assign)
 
     p = sub.add_parser("grade", help="execute and score every submission in a folder")

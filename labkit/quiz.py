@@ -42,7 +42,7 @@ class Key:
     kind: str
     answer: str | float
     why: str
-    points: int = 1
+    points: float = 1
     rel_tol: float = 0.0
     abs_tol: float = 0.0
     wrong: Mapping[str, str] = field(default_factory=dict)
@@ -67,11 +67,11 @@ class Key:
         """What a student reads after answering ``value``: right or not, the right answer, why,
         and (for a wrong choice) why that choice was tempting."""
         if value is None:
-            return f"{self.name}: not answered. The answer is {self.answer}: {self.why}"
+            return f"not answered; the answer is {self.answer}. {self.why}"
         if self.is_right(value):
-            return f"{self.name}: right ({self.answer}). {self.why}"
+            return f"right ({self.answer}). {self.why}"
         tempting = self.wrong.get(str(value).strip().upper(), "")
-        return (f"{self.name}: {value!s} is not right; the answer is {self.answer}. {self.why}"
+        return (f"{value!s} is not right; the answer is {self.answer}. {self.why}"
                 + (f" Why {str(value).strip().upper()} is tempting: {tempting}" if tempting
                    else ""))
 
@@ -84,20 +84,42 @@ def _lab_of(name: str) -> str:
     return name[1:3]
 
 
+QUIZ_FIELDS = {"name", "kind", "answer", "why", "points", "rel_tol", "abs_tol", "wrong",
+               "model_answer"}
+
+
 def load_keys(lab: int | str, rubric_dir: str | Path = RUBRIC_DIR) -> dict[str, Key]:
     """The ``[[quiz]]`` answer keys of a lab's rubric, by question name ({} if it has none)."""
     path = Path(rubric_dir) / f"lab{int(lab):02d}.toml"
-    data = tomllib.loads(path.read_text())
+    return keys_from(tomllib.loads(path.read_text()).get("quiz", []), path.name)
+
+
+def keys_from(tables: list[dict], source: str) -> dict[str, Key]:
+    """Answer keys from a rubric's ``[[quiz]]`` tables; errors name ``source``, the entry and
+    the field."""
     keys = {}
-    for i, raw in enumerate(data.get("quiz", [])):
-        where = f"{path.name} quiz {i} ({raw.get('name', '?')})"
+    for i, raw in enumerate(tables):
+        where = f"{source} quiz {i} ({raw.get('name', '?')})"
+        unknown = set(raw) - QUIZ_FIELDS
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
+                             f"{sorted(QUIZ_FIELDS)}")
         kind = raw.get("kind", "choice")
         if kind not in KINDS:
             raise ValueError(f"{where}: unknown kind {kind!r}; choose one of: {', '.join(KINDS)}")
         for need in ("name", "answer", "why"):
             if need not in raw:
                 raise ValueError(f"{where}: missing {need!r}")
-        key = Key(raw["name"], kind, raw["answer"], raw["why"], int(raw.get("points", 1)),
+        _lab_of(raw["name"])
+        if kind == "choice" and not (isinstance(raw["answer"], str) and raw["answer"].isalpha()):
+            raise ValueError(f"{where}: a choice answer is a letter like \"B\", got "
+                             f"{raw['answer']!r}")
+        if kind == "number" and not isinstance(raw["answer"], int | float):
+            raise ValueError(f"{where}: a number answer must be a number, got {raw['answer']!r}")
+        points = raw.get("points", 1)
+        if not isinstance(points, int | float) or isinstance(points, bool) or points <= 0:
+            raise ValueError(f"{where}: points must be a positive number, got {points!r}")
+        key = Key(raw["name"], kind, raw["answer"], raw["why"], points,
                   float(raw.get("rel_tol", 0.0)), float(raw.get("abs_tol", 0.0)),
                   dict(raw.get("wrong", {})), raw.get("model_answer"))
         if key.name in keys:
@@ -156,8 +178,9 @@ def ask(name: str, question: str, choices: Mapping[str, str] | None = None, *,
         out.clear_output()
         with out:
             key = _key_for(name)
-            print(key.feedback(value) if key is not None else
-                  f"recorded {name} = {value!r}; the feedback comes with grading")
+            print(f"{name}: {key.feedback(value)}" if key is not None else
+                  f"{name} = {value!r} in this session; the feedback comes with grading")
+            print(f"To keep the answer for grading, the cell above must say: {name} = {value!r}")
 
     button.on_click(submit)
     display(w.VBox([w.HTML(f"<b>Knowledge check</b> <code>{name}</code>: {_html(question)}"),

@@ -7,6 +7,8 @@ In a solution notebook:
 - ``### BEGIN HIDDEN TESTS [check-name]`` ... ``### END HIDDEN TESTS`` wraps tests only the grader
   runs; the student version drops the block (markers included), and a cell left empty is dropped.
   The optional name after the marker lets a rubric's hidden check reuse the block.
+- ``name = <answer>  ### ANSWER`` is a knowledge check's answer (``labkit.quiz``); the student
+  version has ``name = None  # your answer`` there. Keys and explanations stay in the rubric.
 Outputs and execution counts are cleared; the ``parameters`` cell and everything else is kept.
 """
 
@@ -20,6 +22,8 @@ from labkit.config import LAB_NOTEBOOKS
 SOURCE_DIR, RELEASE_DIR = "notebooks", "release"  # solution and student notebooks (relative)
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+ANSWER = "### ANSWER"
+_ANSWER_LINE = re.compile(r"^(\s*)([A-Za-z_]\w*)\s*=.*###\s*ANSWER\s*$")
 _DEF = re.compile(r"^(\s*)(?:async\s+)?def\s+(\w+)\s*\(")
 
 
@@ -44,10 +48,25 @@ def _blocks(source: str, begin: str, end: str, where: str) -> list[tuple[int, in
 
 
 def solution_lines(source: str, where: str = "cell") -> list[str]:
-    """The lines strictly between solution markers (what the student version must not contain)."""
+    """The lines strictly between solution markers and the answer lines (what the student
+    version must not contain)."""
     lines = source.splitlines()
     return [lines[j] for a, b in _blocks(source, BEGIN_SOLUTION, END_SOLUTION, where)
-            for j in range(a + 1, b)]
+            for j in range(a + 1, b)] + [line for line in lines if ANSWER in line]
+
+
+def stub_answers(source: str, where: str = "cell") -> str:
+    """``source`` with each ``name = <answer>  ### ANSWER`` line as ``name = None``."""
+    out = []
+    for i, line in enumerate(source.splitlines()):
+        if ANSWER in line:
+            m = _ANSWER_LINE.match(line)
+            if m is None:
+                raise ValueError(f"{where} line {i + 1}: {ANSWER!r} marks an assignment "
+                                 f"'name = answer  {ANSWER}', got {line.strip()!r}")
+            line = f"{m.group(1)}{m.group(2)} = None  # your answer"
+        out.append(line)
+    return "\n".join(out)
 
 
 def hidden_blocks(source: str, where: str = "cell") -> list[tuple[str, str]]:
@@ -91,12 +110,13 @@ def student_notebook(nb):
         where = f"cell {i}"
         if cell.cell_type == "code":
             had_hidden = BEGIN_HIDDEN in cell.source
-            cell.source = stub_solutions(strip_hidden_tests(cell.source, where), where)
+            cell.source = stub_answers(
+                stub_solutions(strip_hidden_tests(cell.source, where), where), where)
             if had_hidden and not cell.source.strip():
                 continue
             cell.outputs = []
             cell.execution_count = None
-        elif any(m in cell.source for m in (BEGIN_SOLUTION, END_SOLUTION, BEGIN_HIDDEN)):
+        elif any(m in cell.source for m in (BEGIN_SOLUTION, END_SOLUTION, BEGIN_HIDDEN, ANSWER)):
             raise ValueError(f"{where} is {cell.cell_type}, and solution or hidden-test markers "
                              "work in code cells only: move the answer into a code cell")
         cell.metadata.pop("papermill", None)

@@ -168,6 +168,8 @@ def _same(a, b, check: Check) -> bool:
 def _passes(value, check: Check) -> tuple[bool, str]:
     """Whether a recorded value meets the check, and what it got if not."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
+    if check.op == "quiz":
+        return check.quiz.is_right(value), check.quiz.feedback(value)
     if check.op == "true":
         return value is True, f"got {value!r}, expected true"
     if check.op == "equals":

@@ -4,7 +4,9 @@ A rubric names a lab's solution notebook, a time limit per submission and a list
 ``Check`` gives points for a recorded value (``kind = "record"``: the value a record cell
 published with ``labkit.record``, compared with ``op``, optionally recomputed from the student's
 own functions) or for a hidden test (``kind = "hidden"``: code from the rubric or from a
-``### BEGIN HIDDEN TESTS name`` block of the solution notebook). ``load_rubric`` rejects a
+``### BEGIN HIDDEN TESTS name`` block of the solution notebook). Knowledge checks
+(``[[quiz]]`` tables, ``labkit.quiz``) become record checks with ``op = "quiz"``: the answer
+variable's record against the key, the feedback the key's explanation. ``load_rubric`` rejects a
 rubric with an unknown field, kind or op, a missing field, a reserved or duplicate name, or code
 that does not compile, and names the file, the check and the field. ``labkit.course.grading``
 runs and scores submissions against it; the format is in data/rubrics/README.md.
@@ -18,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.config import NOTEBOOKS_DIR, RUBRIC_DIR
+from labkit.quiz import Key, keys_from
 
 NOTEBOOK_TIMEOUT_S = 600.0  # default time limit of one submission's run (seconds)
 KINDS = ("record", "hidden")
-OPS = ("equals", "close", "between", "true")
+OPS = ("equals", "close", "between", "true")  # "quiz" is set by [[quiz]] tables, not written
 RESERVED = {"submission", "status", "total", "max", "reason", "feedback"}  # CSV columns
 _CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
                  "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
@@ -46,6 +49,7 @@ class Check:
     recompute: str | None = None
     code: str | None = None
     after: str | None = None
+    quiz: Key | None = None  # the answer key of a knowledge check (op "quiz")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Rubric:
     checks: list[Check]
     timeout_s: float = NOTEBOOK_TIMEOUT_S
     parameters: dict = field(default_factory=dict)
+    closing: dict = field(default_factory=dict)  # the closing question and its model answer
 
     @property
     def max_points(self) -> float:
@@ -146,6 +151,16 @@ def load_rubric(lab_or_path: int | str | Path) -> Rubric:
             raise ValueError(f"{where}: duplicate check name {check.name!r}")
         seen.add(check.name)
         checks.append(check)
+    for key in keys_from(data.get("quiz", []), path.name).values():
+        if key.name in seen:
+            raise ValueError(f"{path.name} quiz {key.name!r}: a check has that name already")
+        seen.add(key.name)
+        checks.append(Check(key.name, key.points, "record", "knowledge check", record=key.name,
+                            op="quiz", expected=key.answer, quiz=key))
+    closing = dict(data.get("closing", {}))
+    if closing and set(closing) != {"question", "model_answer"}:
+        raise ValueError(f"{path.name}: [closing] needs exactly 'question' and 'model_answer', "
+                         f"got {sorted(closing)}")
     return Rubric(str(data["lab"]), nb_path, checks,
                   float(data.get("timeout_s", NOTEBOOK_TIMEOUT_S)),
-                  dict(data.get("parameters", {})))
+                  dict(data.get("parameters", {})), closing)
