@@ -35,6 +35,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """An nbval cell whose run published a key claim that does not hold fails: a lab's lesson
+    must be true for the run that produced it (``labkit.claim``). The outputs are the ones this
+    run made (nbval's ``test_outputs``), not the committed ones."""
+    outcome = yield
+    report = outcome.get_result()
+    outputs = getattr(item, "test_outputs", None)
+    if call.when != "call" or not report.passed or not outputs:
+        return
+    from labkit.claims import CLAIM_MIME
+
+    failed = [c for out in outputs if CLAIM_MIME in (out.get("data") or {})
+              for c in [out["data"][CLAIM_MIME]] if c.get("key", True) and not c.get("holds")]
+    if failed:
+        report.outcome = "failed"
+        report.longrepr = "key claim(s) of this lab did not hold in this run:\n" + "\n".join(
+            f"- {c['text']} (measured: {c['evidence']})" for c in failed)
+
+
 @pytest.fixture(scope="session")
 def hf_engine():
     """The bundled model behind the static-batching engine (fp32 on CPU), shared by tests."""
