@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("notebooks", nargs="*", help="default: every notebooks/NN_*.ipynb in order")
     p.add_argument("--profile", choices=PROFILES,
                    help="default: $LABKIT_PROFILE, else full on a GPU and ci on a CPU")
-    p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
+    p.add_argument("--param", action="append", metavar="[NN:]K=V",
+                   help="notebook parameter; NN:K=V for lab NN only (e.g. 01:MODEL=synthetic-8b)")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
     p.add_argument("--timeout", type=SECONDS, default=CELL_TIMEOUT_S, help="per-cell timeout (s)")
     p.add_argument("--gpus", help="run labs side by side, one per GPU, e.g. 0,1")

@@ -12,7 +12,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from labkit.course.kernels import prepare_kernel
-from labkit.course.runner import parse_params, run_labs
+from labkit.course.runner import lab_params, parse_params, run_labs
 
 
 def _lab(path: Path, *cells: str) -> Path:
@@ -89,6 +89,17 @@ def test_parse_params_reads_json_then_python_literals_then_text():
         "X": None, "NAME": "a=b"}
     with pytest.raises(ValueError, match="bad parameter 'MAX_TOKENS'; write NAME=VALUE"):
         parse_params(["MAX_TOKENS"])
+
+
+def test_a_parameter_can_be_given_to_one_lab():
+    params = parse_params(["MODEL=smollm2-135m", "01:MODEL=synthetic-8b", "02:REPEATS=3"])
+    assert params == {"MODEL": "smollm2-135m", "01:MODEL": "synthetic-8b", "02:REPEATS": 3}
+    assert lab_params(params, "notebooks/01_profiling.ipynb") == {"MODEL": "synthetic-8b"}
+    assert lab_params(params, "02_batching.ipynb") == {"MODEL": "smollm2-135m", "REPEATS": 3}
+    assert lab_params(params, "03_caching.ipynb") == {"MODEL": "smollm2-135m"}
+    for bad in ("1:MODEL=x", "ab:MODEL=x", "01:=x"):
+        with pytest.raises(ValueError, match="NN:NAME=VALUE"):
+            parse_params([bad])
 
 
 def test_kernel_points_at_this_python_even_with_an_unwritable_home(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import platform
 import queue
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -179,13 +179,17 @@ class RunResult:
 
 
 def parse_params(items: list[str] | None) -> dict:
-    """``["K=V", ...]`` -> dict; values parsed as JSON, then a Python literal, else kept as str."""
+    """``["K=V", "01:K=V", ...]`` -> dict; values parsed as JSON, then a Python literal, else kept
+    as str. ``NN:K=V`` sets ``K`` for lab ``NN`` only (kept under the key ``"NN:K"``)."""
     params = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"bad parameter {item!r}; write NAME=VALUE, e.g. MAX_TOKENS=16")
+        lab, colon, name = key.rpartition(":")
+        if not sep or not name.isidentifier() or (colon and not (len(lab) == 2 and lab.isdigit())):
+            raise ValueError(f"bad parameter {item!r}; write NAME=VALUE (every lab) or "
+                             "NN:NAME=VALUE (lab NN only), e.g. MAX_TOKENS=16 or "
+                             "01:MODEL=synthetic-8b")
         try:
             value = json.loads(raw)
         except ValueError:
@@ -195,6 +199,14 @@ def parse_params(items: list[str] | None) -> dict:
                 value = raw
         params[key] = value
     return params
+
+
+def lab_params(params: Mapping, notebook: str | Path) -> dict:
+    """The parameters one lab gets: every plain ``K`` and, for lab ``NN``, each ``NN:K`` (which
+    wins over a plain ``K``)."""
+    lab = Path(notebook).name[:2]
+    plain = {k: v for k, v in params.items() if ":" not in k}
+    return {**plain, **{k[3:]: v for k, v in params.items() if k.startswith(f"{lab}:")}}
 
 
 def default_notebooks() -> list[Path]:
@@ -266,8 +278,9 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
 
     def run_one(src: Path, visible: str | None) -> LabResult:
         env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
-        ex = execute(src, out / src.name, parameters=params, cwd=src.resolve().parent,
-                     cell_timeout_s=timeout_s, kernel_name=prepare_kernel(env))
+        ex = execute(src, out / src.name, parameters=lab_params(params, src),
+                     cwd=src.resolve().parent, cell_timeout_s=timeout_s,
+                     kernel_name=prepare_kernel(env))
         records = read_records(ex.output) if ex.output.exists() else {}
         claims = read_claims(ex.output) if ex.output.exists() else []
         return LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
