@@ -7,22 +7,35 @@
   pattern NVIDIA's sparse tensor cores (Ampere and newer) run at up to twice the dense rate.
 - ``storage_bytes``: what a pruned weight costs to keep. A dense tensor full of zeros costs
   exactly what it did: sparsity saves memory only in a sparse format, and those carry indices.
-- ``semi_structured_speedup``: dense vs 2:4 sparse matmul time through PyTorch's
-  ``to_sparse_semi_structured`` (cuSPARSELt or CUTLASS kernels) at given layer shapes and token
-  counts; on a CPU, or a GPU before Ampere, every row is skipped with the reason.
+- ``sparsity_sweep`` and ``sensitivity_scan``: perplexity (``labkit.quality``) as sparsity grows,
+  and when one layer type alone is pruned.
+- Named methods for the quant bench's pruning rows: ``magnitude-<percent>`` (per layer),
+  ``global-<percent>``, ``2:4`` and ``2:4+int8`` (2:4, then ``labkit.quant``'s per-channel int8).
 
 Pruned weights stay dense tensors with zeros here (a mask applied in place), so quality can be
-measured with any engine; the speed of real sparse kernels is measured separately. torch is
-imported inside functions: ``import labkit.prune`` is cheap.
+measured with any engine; the speed of real 2:4 sparse kernels is measured by
+``labkit.bench.prune``. The layers pruned are ``labkit.quant.target_linears`` (``lm_head``
+skipped), the same ones quantization acts on. Used by the model-optimization lab (lab 04).
 """
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable, Sequence
 
+import torch
+from torch import nn
+
+from labkit.quant import DEFAULT_SKIP, QuantLinear, quantize_linears, target_linears
+
 SCOPES = ("layer", "global")
-DEFAULT_SKIP = ("lm_head",)  # the output projection is tied to the embedding in small models
+FORMATS = ("dense", "csr", "2:4")
 INDEX_BYTES = 4  # a 32-bit column index per kept weight in CSR
+ROW_POINTER_BYTES = 8  # a 64-bit offset per row (+ 1) in CSR
+DEFAULT_METHODS = ("magnitude-30", "magnitude-50", "magnitude-70", "global-50", "2:4",
+                   "2:4+int8")
+METHOD_FORMS = "magnitude-<percent> (per layer), global-<percent>, 2:4, 2:4+int8"
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -31,24 +44,26 @@ def _check_sparsity(sparsity: float) -> None:
                          f"got {sparsity!r}")
 
 
-def magnitude_mask(w, sparsity: float):
-    """Boolean mask of ``w``'s shape, False for the ``round(sparsity * w.numel())`` weights of
-    smallest magnitude (ties broken by position), True for the rest."""
-    import torch
-
+def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask of ``w``'s shape: False for the ``round(sparsity * w.numel())`` weights of
+    smallest magnitude, True for the rest. Weights tied at the threshold are pruned in order of
+    position (earlier first), so the count is exact even in weights with many equal values."""
     _check_sparsity(sparsity)
     k = round(sparsity * w.numel())
-    mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-    if k:
-        mask[torch.topk(w.detach().abs().flatten().float(), k, largest=False).indices] = False
-    return mask.view_as(w)
+    flat = w.detach().abs().flatten().float()
+    if k == 0:
+        return torch.ones_like(w, dtype=torch.bool)
+    threshold = flat.kthvalue(k).values
+    keep = flat > threshold
+    tied = (flat == threshold).nonzero().flatten()
+    below = int((flat < threshold).sum())
+    keep[tied[k - below:]] = True  # prune all below, then the first (k - below) tied ones
+    return keep.view_as(w)
 
 
-def mask_2_4(w):
+def mask_2_4(w: torch.Tensor) -> torch.Tensor:
     """Boolean 2:4 mask: in every group of 4 consecutive weights of a row (the input dimension,
     the last one), True for the 2 of largest magnitude. The last dimension must divide by 4."""
-    import torch
-
     if w.shape[-1] % 4:
         raise ValueError(f"2:4 pruning needs the last dimension to divide by 4, got shape "
                          f"{tuple(w.shape)}")
@@ -58,167 +73,191 @@ def mask_2_4(w):
     return keep.view_as(w)
 
 
-def target_linears(model, skip: Iterable[str] = DEFAULT_SKIP) -> dict:
-    """``{name: module}`` of the model's ``nn.Linear`` layers whose name has no part in ``skip``."""
-    from torch import nn
+def prunable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
+                     only: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """``labkit.quant.target_linears(model, skip, only)``, refusing a model whose layers are
+    already quantized (prune first, then quantize: the zeros survive symmetric int8)."""
+    layers = target_linears(model, skip, only)
+    quantized = [name for name, m in layers.items() if isinstance(m, QuantLinear)]
+    if quantized:
+        raise ValueError(f"layer {quantized[0]!r} is already quantized; prune before quantizing")
+    if not layers:
+        raise ValueError(f"the model has no linear layer outside skip={tuple(skip)!r}"
+                         + (f" among only={tuple(only)!r}" if only is not None else ""))
+    return layers
 
-    skip = tuple(skip)
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(s in name for s in skip)}
 
-
-def prune_linears(model, sparsity: float, scope: str = "layer",
-                  skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, float]:
+def prune_linears(model: nn.Module, sparsity: float, scope: str = "layer",
+                  skip: Iterable[str] = DEFAULT_SKIP,
+                  only: Iterable[str] | None = None) -> dict[str, float]:
     """Zero the smallest-magnitude weights of the model's linear layers in place.
 
     ``scope="layer"``: each layer loses ``sparsity`` of its weights; ``"global"``: one magnitude
-    threshold over all of them, so the total reaches ``sparsity`` and layers differ. Returns each
-    layer's sparsity after pruning (fraction of zeros).
+    threshold over all of them, so the total reaches ``sparsity`` and layers differ. ``only``
+    (layer name endings such as ``("up_proj",)``) limits pruning to those layers. Returns each
+    pruned layer's sparsity afterwards (fraction of zeros).
     """
-    import torch
-
     _check_sparsity(sparsity)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of: {', '.join(SCOPES)}")
-    layers = target_linears(model, skip)
-    if not layers:
-        raise ValueError(f"the model has no linear layer outside skip={tuple(skip)!r}")
+    layers = prunable_linears(model, skip, only)
     with torch.no_grad():
         if scope == "layer":
             for m in layers.values():
                 m.weight.mul_(magnitude_mask(m.weight, sparsity))
         else:
-            flat = torch.cat([m.weight.detach().abs().flatten().float() for m in layers.values()])
+            flat = torch.cat([m.weight.detach().flatten() for m in layers.values()])
             mask = magnitude_mask(flat, sparsity)
             start = 0
             for m in layers.values():
                 n = m.weight.numel()
-                m.weight.mul_(mask[start:start + n].view_as(m.weight).to(m.weight.device))
+                m.weight.mul_(mask[start:start + n].view_as(m.weight))
                 start += n
     return {name: sparsity_of(m.weight) for name, m in layers.items()}
 
 
-def prune_2_4(model, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, float]:
+def prune_2_4(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
+              only: Iterable[str] | None = None) -> dict[str, float]:
     """Apply ``mask_2_4`` to every target linear layer in place; returns each layer's sparsity
     (0.5 unless a group already held zeros)."""
-    import torch
-
-    layers = target_linears(model, skip)
+    layers = prunable_linears(model, skip, only)
     with torch.no_grad():
         for m in layers.values():
             m.weight.mul_(mask_2_4(m.weight))
     return {name: sparsity_of(m.weight) for name, m in layers.items()}
 
 
-def sparsity_of(w) -> float:
+def sparsity_of(w: torch.Tensor) -> float:
     """Fraction of exact zeros in a tensor."""
-    return float((w == 0).sum().item()) / w.numel()
+    return int((w == 0).sum()) / w.numel()
 
 
-def model_sparsity(model, skip: Iterable[str] = DEFAULT_SKIP) -> float:
-    """Fraction of zeros over all target linear weights together."""
-    layers = target_linears(model, skip).values()
-    zeros = sum(int((m.weight == 0).sum().item()) for m in layers)
-    return zeros / sum(m.weight.numel() for m in target_linears(model, skip).values())
+def model_sparsity(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> float:
+    """Fraction of zeros over all target linear weights together (quantized layers: their
+    dequantized weights)."""
+    weights = [m.dequantized_weight() if isinstance(m, QuantLinear) else m.weight
+               for m in target_linears(model, skip).values()]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def storage_bytes(w, fmt: str = "dense", value_bytes: int | None = None) -> int:
+def storage_bytes(w: torch.Tensor, fmt: str = "dense", value_bytes: int | None = None) -> int:
     """Bytes to store ``w`` as ``fmt``: ``"dense"`` (zeros cost as much as any value), ``"csr"``
     (each nonzero: value + 4-byte column index; one 8-byte row pointer per row + 1) or ``"2:4"``
-    (half the values, plus 2 bits of position metadata per kept value, as cuSPARSELt stores it).
-    ``value_bytes`` defaults to the tensor's element size."""
+    (half the values, plus 2 bits of position metadata per kept value, as cuSPARSELt stores it;
+    ``w`` must follow the 2:4 pattern). ``value_bytes`` defaults to the tensor's element size."""
     vb = value_bytes or w.element_size()
     if fmt == "dense":
         return w.numel() * vb
     if fmt == "csr":
-        nnz = int((w != 0).sum().item())
-        return nnz * (vb + INDEX_BYTES) + 8 * (w.shape[0] + 1)
+        nnz = int((w != 0).sum())
+        return nnz * (vb + INDEX_BYTES) + ROW_POINTER_BYTES * (w.shape[0] + 1)
     if fmt == "2:4":
         kept = w.numel() // 2
         return kept * vb + (kept * 2 + 7) // 8
-    raise ValueError(f"unknown storage format {fmt!r}; choose one of: dense, csr, 2:4")
+    raise ValueError(f"unknown storage format {fmt!r}; choose one of: {', '.join(FORMATS)}")
 
 
-def semi_structured_skip_reason(device=None) -> str | None:
-    """Why 2:4 sparse kernels cannot run here, or None when they can (CUDA, compute >= 8.0)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "2:4 sparse kernels need an NVIDIA GPU (Ampere or newer); this run has no CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return (f"2:4 sparse kernels need compute capability >= 8.0 (Ampere); this GPU has "
-                f"{major}.{minor}")
-    return None
+def model_storage_bytes(model: nn.Module, fmt: str = "dense", value_bytes: int | None = None,
+                        skip: Iterable[str] = DEFAULT_SKIP) -> int:
+    """``storage_bytes`` summed over the model's target linear weights."""
+    return sum(storage_bytes(m.weight, fmt, value_bytes)
+               for m in prunable_linears(model, skip).values())
 
 
-def _graphed(fn):
-    """``fn`` captured once in a CUDA graph; the returned callable replays it (no host work per
-    call beyond the launch of the graph)."""
-    import torch
+# --- named methods: the quant bench's pruning rows -----------------------------------------------
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm up outside the graph (library handles, workspace)
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def parse_method(name: str) -> tuple[str, float] | None:
+    """``"magnitude-50"`` -> ``("layer", 0.5)``, ``"global-30"`` -> ``("global", 0.3)``,
+    ``"2:4"`` / ``"2:4+int8"`` -> ``(name, 0.5)``; None for a name that is no pruning method."""
+    if name in ("2:4", "2:4+int8"):
+        return name, 0.5
+    found = re.fullmatch(r"(magnitude|global)-(\d{1,2})", name)
+    if found is None:
+        return None
+    return ("layer" if found[1] == "magnitude" else "global"), int(found[2]) / 100
 
 
-def semi_structured_speedup(shapes: Sequence[tuple[int, int]], tokens: Sequence[int] = (1, 16, 256),
-                            dtype: str = "bfloat16", warmup: int = 5, repeats: int = 50,
-                            seed: int = 0) -> list[dict]:
-    """Time ``y = x @ W.T`` with ``W`` dense and ``W`` 2:4-sparse, for each weight shape
-    ``(out_features, in_features)`` and each number of tokens (rows of ``x``).
+def is_method(name: str) -> bool:
+    """Whether ``name`` is a pruning method (see ``parse_method``)."""
+    return parse_method(name) is not None
 
-    Each matmul is timed twice (median of ``repeats`` synchronized calls after ``warmup``,
-    ``labkit.profiling.time_fn``): called from Python (``*_eager_ms``) and replayed from a CUDA
-    graph (``dense_ms``, ``sparse_ms``), which removes the host-side cost of each call (PyTorch's
-    sparse tensor subclass and cuSPARSELt's per-call set-up take a large, fixed part of a small
-    matmul). ``matmul_speedup`` = dense_ms / sparse_ms (both graphed: the kernels' own speed);
-    ``eager_speedup`` the same from Python. ``max_abs_error``: the sparse result against the
-    dense matmul of the same pruned weight (bf16 rounding). Rows that cannot run have
-    ``skipped`` (the reason) instead.
-    """
-    import torch
 
-    from labkit.profiling import time_fn
+def method_spec(name: str) -> tuple[str, float]:
+    """``parse_method(name)``, or a ValueError naming the method forms allowed."""
+    parsed = parse_method(name)
+    if parsed is None:
+        raise ValueError(f"unknown pruning method {name!r}; choose one of: {METHOD_FORMS}")
+    return parsed
 
-    reason = semi_structured_skip_reason()
-    if reason is not None:
-        return [{"shape": list(s), "tokens": t, "skipped": reason} for s in shapes for t in tokens]
-    from torch.sparse import to_sparse_semi_structured
 
-    dt = getattr(torch, dtype)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    linear = torch.nn.functional.linear
+def describe(name: str) -> str:
+    """One line saying what a pruning method does."""
+    kind, sparsity = method_spec(name)
+    if kind == "2:4":
+        return "2:4 semi-structured: the 2 largest of every 4 weights kept"
+    if kind == "2:4+int8":
+        return "2:4 semi-structured, then int8 per output row (from scratch)"
+    where = "each layer" if kind == "layer" else "one threshold over all layers"
+    return f"magnitude pruning to {sparsity:.0%} zeros, {where}"
+
+
+def apply_method(model: nn.Module, name: str) -> nn.Module:
+    """Prune ``model`` in place by the named method (``2:4+int8`` also swaps in ``QuantLinear``
+    int8 per-channel layers); returns the model."""
+    kind, sparsity = method_spec(name)
+    if kind in ("2:4", "2:4+int8"):
+        prune_2_4(model)
+        if kind == "2:4+int8":
+            quantize_linears(model, "int8-channel")
+    else:
+        prune_linears(model, sparsity, kind)
+    return model
+
+
+# --- measured: perplexity as sparsity grows, and per layer type ----------------------------------
+
+def layer_types(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """The distinct last name parts of the target linear layers (``q_proj``, ``up_proj``, ...),
+    in the order they first appear."""
+    return list(dict.fromkeys(name.rpartition(".")[2] for name in target_linears(model, skip)))
+
+
+def sparsity_sweep(model: nn.Module, token_ids: Sequence[int], sparsities: Sequence[float],
+                   scopes: Sequence[str] = SCOPES, window: int = 512, stride: int = 256,
+                   progress: bool = True) -> list[dict]:
+    """Perplexity of a pruned copy of ``model`` for every scope and sparsity (``model`` is left
+    untouched). Rows: ``scope``, ``sparsity`` (requested), ``measured_sparsity`` (zeros over
+    all target weights) and ``perplexity`` on ``token_ids``; sparsity 0 is the dense model."""
+    from tqdm.auto import tqdm
+
+    from labkit.quality import perplexity
+
     rows = []
-    for out_f, in_f in shapes:
-        w = torch.randn(out_f, in_f, device="cuda", dtype=dt, generator=gen)
-        w = w * mask_2_4(w)
-        for t in tokens:
-            x = torch.randn(t, in_f, device="cuda", dtype=dt, generator=gen)
-            row = {"shape": [out_f, in_f], "tokens": t}
-            try:
-                w_sparse = to_sparse_semi_structured(w)
-                ms = {}
-                for name, weight in (("dense", w), ("sparse", w_sparse)):
-                    def fn(x=x, weight=weight):
-                        return linear(x, weight)
-
-                    ms[f"{name}_eager_ms"] = time_fn(fn, warmup, repeats, "cuda").median_s * 1e3
-                    ms[f"{name}_ms"] = time_fn(_graphed(fn), warmup, repeats,
-                                               "cuda").median_s * 1e3
-                err = (linear(x, w_sparse).float() - linear(x, w).float()).abs().max().item()
-            except (RuntimeError, ValueError) as exc:
-                rows.append({**row, "skipped": f"{type(exc).__name__}: {exc}"})
-                continue
-            rows.append({**row, "dtype": dtype, **ms,
-                         "matmul_speedup": ms["dense_ms"] / ms["sparse_ms"],
-                         "eager_speedup": ms["dense_eager_ms"] / ms["sparse_eager_ms"],
-                         "max_abs_error": err})
+    for scope, sparsity in tqdm([(sc, s) for sc in scopes for s in sparsities],
+                                desc="sparsity sweep", disable=not progress):
+        pruned = copy.deepcopy(model)
+        prune_linears(pruned, sparsity, scope)
+        rows.append({"scope": scope, "sparsity": sparsity,
+                     "measured_sparsity": model_sparsity(pruned),
+                     "perplexity": perplexity(pruned, token_ids, window, stride)})
+        del pruned
     return rows
+
+
+def sensitivity_scan(model: nn.Module, token_ids: Sequence[int], sparsity: float = 0.5,
+                     window: int = 512, stride: int = 256,
+                     progress: bool = True) -> dict[str, float]:
+    """Perplexity when only one layer type (every ``q_proj``, every ``up_proj``, ...) is pruned
+    per layer to ``sparsity``, the others left dense: ``{layer type: perplexity}``. The types
+    whose pruning raises perplexity most are the ones to prune least."""
+    from tqdm.auto import tqdm
+
+    from labkit.quality import perplexity
+
+    out = {}
+    for kind in tqdm(layer_types(model), desc="sensitivity", disable=not progress):
+        pruned = copy.deepcopy(model)
+        prune_linears(pruned, sparsity, "layer", only=(kind,))
+        out[kind] = perplexity(pruned, token_ids, window, stride)
+        del pruned
+    return out

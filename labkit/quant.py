@@ -209,13 +209,23 @@ class QuantLinear(nn.Module):
                 f"scheme={self.scheme}, group_size={self.group_size}")
 
 
-def target_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> dict[str, nn.Module]:
-    """The layers quantization acts on: every ``nn.Linear`` / ``QuantLinear`` whose name does not
-    end with one of ``skip`` (default: ``lm_head``)."""
+def _name_ends_with(name: str, parts: tuple[str, ...]) -> bool:
+    """Whether a module name's last dotted parts are one of ``parts`` (``"mlp.up_proj"`` ends
+    with ``"up_proj"``, not with ``"proj"``)."""
+    return any(name == p or name.endswith("." + p) for p in parts)
+
+
+def target_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
+                   only: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """The layers quantization and pruning (``labkit.prune``) act on: every ``nn.Linear`` /
+    ``QuantLinear`` whose name does not end with one of ``skip`` (default: ``lm_head``) and,
+    when ``only`` is given, does end with one of ``only`` (``("up_proj",)``: every MLP up
+    projection)."""
     skip = tuple(skip)
+    only = None if only is None else tuple(only)
     return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, (nn.Linear, QuantLinear))
-            and not any(name == s or name.endswith("." + s) for s in skip)}
+            if isinstance(mod, (nn.Linear, QuantLinear)) and not _name_ends_with(name, skip)
+            and (only is None or _name_ends_with(name, only))}
 
 
 def quantize_linears(model: nn.Module, scheme: str = "int8-channel",

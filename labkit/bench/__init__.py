@@ -9,6 +9,7 @@
 | batching    | ``bench batching``: static, dynamic and continuous batching on one workload |
 | caching     | ``bench cache``: miss and hit paths, hit ratio of a workload with repeats  |
 | quant       | ``bench quant``: size, perplexity and decode speed per quantization method |
+| prune       | 2:4 sparse vs dense matmul timing; the pruning rows' fields of bench quant  |
 | serve       | ``bench serve``: load a running server, one run per concurrency or rate    |
 | compare     | the course's reference service measured: its defects, against the fix      |
 | autoscale   | a load step against a Ray Serve deployment and its replica counts          |

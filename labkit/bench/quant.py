@@ -8,18 +8,37 @@
   its engine (compiled static-cache loop, or vLLM), against the memory-bandwidth roofline, with
   the bytes the whole quantized model holds.
 
+Pruning methods (``labkit.prune``: ``magnitude-50``, ``global-50``, ``2:4``, ``2:4+int8``, ...)
+are rows of ``run_quant_bench`` too, measured the same way plus ``labkit.bench.prune``'s
+``pruning_fields`` (``sparsity``, sparse-format bytes, ``matmul_speedup`` on a GPU).
+
 Used by the quantization lab (lab 04); a method that cannot run here is a ``skipped`` row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 import torch
 
+from labkit import prune
+from labkit.bench.prune import pruning_fields
 from labkit.config import DEFAULT_MODEL
-from labkit.quant_methods import DEFAULT_METHODS, get_method
+from labkit.quant_methods import DEFAULT_METHODS, Method, get_method
 from labkit.sizes import checkpoint_bytes, weight_bytes
+
+
+def method_of(name: str) -> Method:
+    """The ``labkit.quant_methods`` entry of ``name``, or a ``labkit.prune`` method as one (it
+    runs anywhere); a ValueError names the known forms of both."""
+    if prune.is_method(name):
+        return Method(name, prune.describe(name), lambda device: None,
+                      partial(prune.apply_method, name=name))
+    try:
+        return get_method(name)
+    except ValueError as err:
+        raise ValueError(f"{err}; or a pruning method: {prune.METHOD_FORMS}") from None
 
 
 def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = None,
@@ -34,7 +53,9 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
     ``max_eval_tokens`` tokens), batch-1 greedy decode tokens/s over ``b1_requests`` requests of
     ``decode_tokens`` tokens (after a warm-up; the contract's latency fields come from these),
     ``decode_tokens_per_s_large`` at ``large_batch``, and ``agreement`` with the fp32 model's
-    greedy tokens. A method that cannot run here, or fails, is a run with ``"skipped": reason``.
+    greedy tokens. Pruning rows add ``pruning_fields``. Default methods: every default of
+    ``labkit.quant_methods`` and of ``labkit.prune``. A method that cannot run here, or fails, is
+    a run with ``"skipped": reason``.
     """
     import copy
     import gc
@@ -46,9 +67,9 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
     from labkit.metrics import bench_document
     from labkit.models import load_model
 
-    names = list(methods) if methods is not None else list(DEFAULT_METHODS)
+    names = list(methods) if methods is not None else [*DEFAULT_METHODS, *prune.DEFAULT_METHODS]
     for name in names:
-        get_method(name)  # unknown names fail before any work
+        method_of(name)  # unknown names fail before any work
     dev = pick_device(device)
     base, tok, _ = load_model(model, dev, "float32")
     ids = quality.eval_token_ids(tok, max_eval_tokens)
@@ -58,7 +79,7 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
                 "agreement_prompts": len(reference), "agreement_tokens": agreement_tokens}
     runs = []
     for name in tqdm(names, desc="quant methods", disable=not progress):
-        method = get_method(name)
+        method = method_of(name)
         reason = method.can_run(dev)
         if reason is None and method.apply is None:
             reason = f"runs inside the {method.engine} engine: labkit.engines.get_engine(" \
@@ -72,6 +93,8 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
             run = _measure(qmodel, tok, ids, reference, window, stride, decode_tokens,
                            b1_requests, large_batch, agreement_tokens)
             run.update(name=name, description=method.description)
+            if prune.is_method(name):
+                run.update(pruning_fields(qmodel, name))
             runs.append(run)
         except Exception as err:  # noqa: BLE001 - one broken method never stops the table
             runs.append({"name": name, "description": method.description,
@@ -169,14 +192,17 @@ def _decode_rate(completions, batch_size: int) -> float:
 
 
 def bench_table(doc: dict):
-    """The runs of a ``quant`` bench document as a small pandas table (n/a + reason rows)."""
+    """The runs of a ``quant`` bench document as a small pandas table (n/a + reason rows). With
+    pruning rows, also their ``sparsity``, the sparse format's bytes as a fraction of fp16
+    (``sparse_x_fp16``) and ``matmul_speedup`` (n/a where not timed)."""
     import pandas as pd
 
     nan = float("nan")
     big = doc.get("settings", {}).get("large_batch_size", "N")
+    pruned = any("sparsity" in r for r in doc["runs"])
     rows = []
     for r in doc["runs"]:
-        rows.append({
+        row = {
             "method": r["name"],
             "weight_MB": r.get("weight_bytes", nan) / 1e6,
             "x_fp16": r.get("weight_ratio_vs_fp16", nan),
@@ -184,8 +210,13 @@ def bench_table(doc: dict):
             "tok/s b1": r.get("decode_tokens_per_s_b1", nan),
             f"tok/s b{big}": r.get("decode_tokens_per_s_large", nan),
             "agreement": r.get("agreement", nan),
-            "skipped": r.get("skipped", ""),
-        })
+        }
+        if pruned:
+            row.update(sparsity=r.get("sparsity", nan),
+                       sparse_x_fp16=r.get("sparse_format_bytes", nan)
+                       / r.get("fp16_weight_bytes", nan),
+                       matmul_speedup=r.get("matmul_speedup", nan))
+        rows.append({**row, "skipped": r.get("skipped", "")})
     return pd.DataFrame(rows).set_index("method")
 
 
