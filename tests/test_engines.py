@@ -158,3 +158,46 @@ def test_compile_without_static_cache_is_refused():
 
     with pytest.raises(ValueError, match="compile=True needs static_cache=True"):
         HFEngine("smollm2-135m", compile=True)
+
+
+# --- bounded work: the context, cancellation and deadlines ----------------------------------
+def test_prompt_beyond_the_context_is_refused_before_any_work(hf_engine):
+    """~8,150 prompt tokens + max_tokens 200 do not fit 8,192: a 400-style error naming all
+    three numbers, from check() and from generate() alike, instead of 200 tokens of garbage."""
+    from labkit.engines.base import InvalidRequest
+
+    req = Request(prompt="hello " * 8150, max_tokens=200)
+    message = r"\d{4} prompt tokens \+ max_tokens 200 exceed max_model_len 8192"
+    with pytest.raises(InvalidRequest, match=message) as err:
+        hf_engine.check(req)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest, match=message):
+        hf_engine.generate([req])
+
+
+@pytest.mark.slow  # the engine comes from getfixturevalue, which the conftest hook cannot see
+@pytest.mark.parametrize("engine_fixture", ["hf_engine", "hfcb_engine"])
+def test_a_cancelled_generation_stops_at_the_next_step(engine_fixture, request):
+    import threading
+    import time
+
+    from labkit.engines.base import ABORTED
+
+    engine = request.getfixturevalue(engine_fixture)
+    req = chat("Count from one to one thousand.", max_tokens=300, ignore_eos=True)
+    threading.Timer(0.5, req.cancel).start()
+    t0 = time.perf_counter()
+    [done] = engine.generate([req])
+    assert done.finish_reason == ABORTED and done.output_tokens < 300
+    assert time.perf_counter() - t0 < 3.0  # 300 tokens take ~10 s on 2 CPU cores
+
+
+def test_past_its_deadline_one_row_stops_and_its_batch_mate_finishes(hf_engine):
+    from labkit.engines.base import ABORTED, now
+
+    late = chat("Count from one to one thousand.", max_tokens=300, ignore_eos=True)
+    late.deadline_s = now() + 0.5
+    other = chat("Count from one to one thousand.", max_tokens=12, ignore_eos=True)
+    stopped, finished = hf_engine.generate([late, other])
+    assert stopped.finish_reason == ABORTED and stopped.output_tokens < 300
+    assert finished.finish_reason == "length" and finished.output_tokens == 12

@@ -6,7 +6,7 @@ to attribute a service's gain to fewer engine calls, cache hits or batching.
 
 from __future__ import annotations
 
-from labkit.engines.base import Engine
+from labkit.engines.base import Engine, Request
 
 
 class CountingEngine(Engine):
@@ -17,8 +17,12 @@ class CountingEngine(Engine):
     def __init__(self, inner: Engine) -> None:
         super().__init__(inner.model_name, inner.device, inner.dtype)
         self.inner, self.name, self.continuous = inner, inner.name, inner.continuous
-        self.tokenizer = getattr(inner, "tokenizer", None)
+        self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
         self.reset()
+
+    def encode(self, request: Request) -> list[int]:
+        """The inner engine's prompt token ids."""
+        return self.inner.encode(request)
 
     def reset(self) -> None:
         """Forget every count."""

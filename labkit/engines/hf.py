@@ -7,6 +7,11 @@ and padding tokens cost compute. Requests whose sampling parameters differ run a
 ``static_cache=True`` switches from ``generate`` to labkit's lean decode loop over a fixed-size KV
 cache, and ``compile=True`` also compiles its decode step into a CUDA graph: the gpt-fast recipe
 (see ``static_decode.py``), for the profiling lab's speed paths.
+
+Bounded work: the context is the model's ``max_position_embeddings``; a request that is
+cancelled or past its deadline (``Request.aborted``) is stopped by the tracker, which is also
+``generate``'s stopping criterion (checked after every decode step), and ends with
+``finish_reason == ABORTED``.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from transformers import StoppingCriteriaList
 
 from labkit.config import SEED
 from labkit.engines.base import (
+    ABORTED,
     Completion,
     Engine,
     Request,
     TokenCallback,
+    check_context,
     encode_request,
     now,
     truncate_at_stop,
@@ -31,7 +39,7 @@ from labkit.engines.static_decode import StaticDecoder
 
 class _Tracker:
     """Receives each decode step's tokens from ``generate`` (streamer API), stamps them, and
-    knows when each row is done (EOS, its own max_tokens, or a stop string)."""
+    knows when each row is done (EOS, its own max_tokens, a stop string, or aborted)."""
 
     def __init__(self, engine: HFEngine, requests: Sequence[Request], on_token, offset: int):
         self.engine, self.requests, self.on_token, self.offset = engine, requests, on_token, offset
@@ -48,6 +56,7 @@ class _Tracker:
             self.prompt_seen = True
             return
         t = now()  # value is already on the host: generate passes next_tokens.cpu()
+        self._abort_check()
         for i, tok in enumerate(value.tolist()):
             if self.finish[i] is None:
                 self._add(i, int(tok), t)
@@ -73,12 +82,19 @@ class _Tracker:
         if len(self.tokens[i]) >= req.max_tokens:
             self.finish[i] = "length"
 
+    def _abort_check(self) -> None:
+        """Rows whose request was cancelled or passed its deadline are done (ABORTED)."""
+        for i, req in enumerate(self.requests):
+            if self.finish[i] is None and req.aborted:
+                self.finish[i] = ABORTED
+
     @property
     def all_done(self) -> bool:
         return all(f is not None for f in self.finish)
 
     # --- StoppingCriteria protocol: stop the whole batch once every row is done ---
     def __call__(self, input_ids: torch.Tensor, scores=None, **kw) -> torch.Tensor:
+        self._abort_check()
         return torch.full((input_ids.shape[0],), self.all_done, dtype=torch.bool,
                           device=input_ids.device)
 
@@ -98,6 +114,7 @@ class HFEngine(Engine):
         if compile and not static_cache:
             raise ValueError("compile=True needs static_cache=True (CUDA graphs need fixed shapes)")
         self.decoder = StaticDecoder(self.model, compile=compile) if static_cache else None
+        self.max_model_len = self.model.config.max_position_embeddings
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
 
@@ -117,6 +134,8 @@ class HFEngine(Engine):
     @torch.inference_mode()
     def _generate_group(self, reqs: list[Request], start: float, on_token, idx) -> list[Completion]:
         prompts = [encode_request(self.tokenizer, r) for r in reqs]
+        for r, p in zip(reqs, prompts):
+            check_context(r, len(p), self.max_model_len)
         batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         tracker = _Tracker(self, reqs, _remap(on_token, idx), 0)
@@ -133,7 +152,7 @@ class HFEngine(Engine):
             return [self._completion(r, len(p), tracker, i, start, end)
                     for i, (r, p) in enumerate(zip(reqs, prompts))]
         kwargs = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
-                      streamer=tracker, stopping_criteria=[tracker])
+                      streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]))
         if first.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

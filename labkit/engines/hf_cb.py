@@ -7,6 +7,11 @@ added as they come (``generate`` may be called from several threads at once).
 
 Sampling is per request: the manager samples (``do_sample=True``) with per-request logits
 processors, and a greedy request is sent with ``top_k=1``, which keeps only the arg-max token.
+
+Bounded work: the context is the model's ``max_position_embeddings`` (and no more than the paged
+cache holds); a request that is cancelled or past its deadline (``Request.aborted``, polled every
+``POLL_S``) is cancelled in the manager (``cancel_request``), which frees its cache blocks, and
+ends with ``finish_reason == ABORTED`` and the tokens it had.
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ import torch
 
 from labkit.config import SEED
 from labkit.engines.base import (
+    ABORTED,
     Completion,
     Engine,
     Request,
     TokenCallback,
+    check_context,
     encode_request,
     now,
     truncate_at_stop,
 )
+
+POLL_S = 0.05  # how often a waiting generate looks at its requests' abort flags (s)
 
 
 class HFContinuousEngine(Engine):
@@ -54,6 +63,9 @@ class HFContinuousEngine(Engine):
             num_blocks = 64  # the default sizes the paged cache from free memory: GBs on a CPU
         cb = ContinuousBatchingConfig(per_request_processors=True,
                                       max_batch_tokens=max_batch_tokens, num_blocks=num_blocks)
+        self.max_model_len = self.model.config.max_position_embeddings
+        if num_blocks is not None:
+            self.max_model_len = min(self.max_model_len, num_blocks * cb.block_size)
         self.manager = self.model.init_continuous_batching(generation_config=gen,
                                                            continuous_batching_config=cb)
         self.manager.start()
@@ -77,12 +89,13 @@ class HFContinuousEngine(Engine):
                  on_token: TokenCallback | None = None) -> list[Completion]:
         start = now()
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        ids, prompts = [], []
-        for i, req in enumerate(requests):
+        prompts = [encode_request(self.tokenizer, req) for req in requests]
+        for req, prompt in zip(requests, prompts):
+            check_context(req, len(prompt), self.max_model_len)
+        ids = []
+        for i, (req, prompt) in enumerate(zip(requests, prompts)):
             rid = f"{req.request_id}#{id(inbox)}-{i}"
-            prompt = encode_request(self.tokenizer, req)
             ids.append(rid)
-            prompts.append(prompt)
             with self._lock:
                 self._waiters[rid] = inbox
             sampling = {"top_k": 1} if req.greedy else {"temperature": req.temperature,
@@ -95,15 +108,25 @@ class HFContinuousEngine(Engine):
         seen = [0] * len(requests)
         texts = [""] * len(requests)
         finals: dict[int, object] = {}
+        latest: dict[int, object] = {}  # each request's newest (streamed) result
+        aborted: set[int] = set()
         try:
             while len(finals) < len(requests):
+                for i, req in enumerate(requests):
+                    if i not in finals and req.aborted:  # cancelled or past its deadline
+                        self.manager.cancel_request(ids[i])
+                        finals[i] = latest.get(i)
+                        aborted.add(i)
                 try:
-                    result = inbox.get(timeout=1.0)
+                    result = inbox.get(timeout=POLL_S)
                 except queue.Empty:
                     if not self.manager.is_running():
                         raise RuntimeError("the hf-cb generation thread stopped") from None
                     continue
                 i = index[result.request_id]
+                if i in finals:  # already aborted: a late result of a cancelled request
+                    continue
+                latest[i] = result
                 if result.error:
                     raise RuntimeError(f"hf-cb request {result.request_id} failed: {result.error}")
                 toks = result.generated_tokens
@@ -122,13 +145,16 @@ class HFContinuousEngine(Engine):
                 for rid in ids:
                     self._waiters.pop(rid, None)
         end = now()
-        return [self._completion(requests[i], prompts[i], finals[i], start, end)
+        return [self._completion(requests[i], prompts[i], finals[i], start, end, i in aborted)
                 for i in range(len(requests))]
 
-    def _completion(self, req: Request, prompt, result, start: float, end: float) -> Completion:
-        tokens = list(result.generated_tokens)
-        times = list(result.timestamps or [])
-        reason = "length"
+    def _completion(self, req: Request, prompt, result, start: float, end: float,
+                    aborted: bool = False) -> Completion:
+        """The Completion of one request from its final result (``aborted``: its newest result
+        when it was cancelled, or None if it had produced nothing yet)."""
+        tokens = list(result.generated_tokens) if result is not None else []
+        times = list(result.timestamps or []) if result is not None else []
+        reason = ABORTED if aborted else "length"
         if tokens and tokens[-1] in self.eos_ids and not req.ignore_eos:
             tokens, times, reason = tokens[:-1], times[:-1], "stop"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -7,6 +7,10 @@ streaming (``on_token``) and the serving lab's concurrent clients alike, and giv
 the same per-token timestamps. (``vllm.LLM`` is this loop without the stamps; ``AsyncLLM`` is
 this loop on asyncio.)
 
+Bounded work: prompt + ``max_tokens`` beyond ``max_model_len`` is refused before the request is
+queued; a request that is cancelled or past its deadline (``Request.aborted``) is aborted in
+vLLM (``abort_request``) at the next step and ends with ``finish_reason == ABORTED``.
+
 Set ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` on machines where the engine-core subprocess hangs at
 start (seen on the course's GPU machine); labkit sets it when unset.
 """
@@ -20,7 +24,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from labkit.config import SEED
-from labkit.engines.base import Completion, Engine, Request, TokenCallback, encode_request, now
+from labkit.engines.base import (
+    ABORTED,
+    Completion,
+    Engine,
+    Request,
+    TokenCallback,
+    check_context,
+    encode_request,
+    now,
+)
 
 
 @dataclass
@@ -117,6 +130,9 @@ class VLLMEngine(Engine):
                 pass
             if not self._live:
                 continue
+            self._abort_stopped()
+            if not self._live:
+                continue
             try:
                 outputs = self.llm.step()
             except BaseException as err:  # fail every caller instead of hanging them
@@ -143,6 +159,16 @@ class VLLMEngine(Engine):
                     del self._live[out.request_id]
                     item.done.set()
 
+    def _abort_stopped(self) -> None:
+        """Abort in vLLM the live requests that were cancelled or passed their deadline."""
+        stopped = [rid for rid, item in self._live.items() if item.request.aborted]
+        if stopped:
+            self.llm.abort_request(stopped)
+        for rid in stopped:
+            item = self._live.pop(rid)
+            item.finish_reason = ABORTED
+            item.done.set()
+
     def generate(self, requests: Sequence[Request],
                  on_token: TokenCallback | None = None) -> list[Completion]:
         if self._closed.is_set():
@@ -151,11 +177,7 @@ class VLLMEngine(Engine):
         items = [_Pending(r, encode_request(self.tokenizer, r), on_token, i, threading.Event())
                  for i, r in enumerate(requests)]
         for item in items:
-            if len(item.prompt) + item.request.max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"request {item.request.request_id!r}: {len(item.prompt)} prompt tokens + "
-                    f"max_tokens {item.request.max_tokens} exceed max_model_len "
-                    f"{self.max_model_len}; shorten the prompt or pass a larger max_model_len")
+            check_context(item.request, len(item.prompt), self.max_model_len)
         for item in items:
             self._inbox.put(item)
         for item in items:
