@@ -183,9 +183,11 @@ def ask(name: str, question: str, choices: Mapping[str, str] | None = None, *,
             print(f"To keep the answer for grading, the cell above must say: {name} = {value!r}")
 
     button.on_click(submit)
-    display(w.VBox([w.HTML(f"<b>Knowledge check</b> <code>{name}</code>: {_html(question)}"),
-                    picker, button, out]), display_id=False)
-    print(text)
+    box = w.VBox([w.HTML(f"<b>Knowledge check</b> <code>{name}</code>: {_html(question)}"),
+                  picker, button, out])
+    # One output: JupyterLab renders the widget, a saved or headless notebook shows the text.
+    bundle = box._repr_mimebundle_()
+    display({**bundle, "text/plain": text}, raw=True)
 
 
 def predict(name: str, value) -> None:
