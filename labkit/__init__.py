@@ -2,8 +2,8 @@
 
 The package's folders are its architecture (README "Layout"): ``config``, ``device``,
 ``models``, ``metrics`` and ``processes`` at the ground; ``engines/`` on them; the lesson
-helpers (``profiling``, ``sizes``, ``quant``, ``quant_methods``, ``prune``, ``quality``,
-``equivalence``, ``records``, ``claims``, ``quiz``, ``plots``, ``widgets``);
+helpers (``profiling``, ``roofline``, ``sizes``, ``quant``, ``quant_methods``, ``prune``,
+``quality``, ``equivalence``, ``records``, ``claims``, ``quiz``, ``plots``, ``widgets``);
 ``serving/`` (the request path); ``bench/`` (workloads, load, the per-lab benches);
 ``course/`` (run, grade, assign); ``cli`` and ``doctor`` on top. A module imports only from its
 own floor or below.

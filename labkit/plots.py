@@ -8,6 +8,8 @@ without a unit is a bug, so a label without one raises.
 - ``bar_chart``: one value per label.
 - ``latency_throughput``: the serving trade-off, one point per setting, annotated.
 - ``latency_vs_rate``: latency percentiles against offered load, with the SLO and the knee.
+- ``roofline_plot``: attainable FLOP/s against arithmetic intensity, both ceilings, the ridge
+  point and measured points (lab 01).
 
 matplotlib is imported inside the functions, so ``import labkit.plots`` is cheap.
 """
@@ -145,3 +147,42 @@ def latency_vs_rate(series: Mapping[str, Sequence[Mapping]], slo: Mapping[str, f
     if title:
         axes[0].figure.suptitle(title)
     return axes
+
+
+def roofline_plot(peak_flops_per_s: float, bandwidth_bytes_per_s: float,
+                  points: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                  labels: Mapping[str, Sequence[str]] | None = None, title: str | None = None,
+                  ax=None):
+    """The roofline (log-log): the bandwidth ceiling ``intensity * bandwidth`` rising to the
+    compute ceiling ``peak``, the ridge point where they meet (dotted, annotated), and each
+    series of ``points`` (label -> (FLOP/byte, achieved FLOP/s)), its points annotated with
+    ``labels[label]`` (e.g. batch sizes). Axes in FLOP/byte and TFLOP/s."""
+    import numpy as np
+
+    ax = _axes(ax, figsize=(6.4, 4.0))
+    ridge = peak_flops_per_s / bandwidth_bytes_per_s
+    xs = [x for data in points.values() for x in data[0]] + [ridge]
+    grid = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 4), 200)
+    ax.plot(grid, np.minimum(grid * bandwidth_bytes_per_s, peak_flops_per_s) / 1e12, "k-", lw=1.5,
+            label="roofline: min(compute peak, intensity x bandwidth)")
+    ax.plot(grid, grid * bandwidth_bytes_per_s / 1e12, "k:", lw=0.8, alpha=0.5)
+    ax.axhline(peak_flops_per_s / 1e12, color="k", ls=":", lw=0.8, alpha=0.5)
+    ax.axvline(ridge, color="gray", ls="--", lw=1)
+    ax.annotate(f"ridge {ridge:.3g} FLOP/byte", (ridge, peak_flops_per_s / 1e12),
+                xytext=(4, -12), textcoords="offset points", fontsize=8)
+    for i, (label, (intensity, flops)) in enumerate(points.items()):
+        if len(intensity) != len(flops):
+            raise ValueError(f"points {label!r}: {len(intensity)} x values but {len(flops)} y")
+        ys = [f / 1e12 for f in flops]
+        ax.plot(list(intensity), ys, "o", color=f"C{i}", label=label)
+        for x, y, text in zip(intensity, ys, (labels or {}).get(label, [])):
+            ax.annotate(str(text), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(_check_label("arithmetic intensity (FLOP/byte)", "xlabel"))
+    ax.set_ylabel(_check_label("attainable / achieved (TFLOP/s)", "ylabel"))
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.2)
+    return ax

@@ -6,10 +6,9 @@
   only to show the trap. ``time_fn`` also warms up first, so lazy init and compilation stay out.
 - ``profile_ops``: torch.profiler's per-op table (time in ms) and an optional Chrome trace.
 - ``memory_usage``: CUDA allocated/peak bytes from torch, or the process RSS on CPU (/proc).
-- ``kv_cache_bytes_per_token``, ``decode_roofline``: decoding one token reads every weight
-  (``labkit.sizes.weight_bytes``) and the whole KV cache once, so memory bandwidth bounds tokens/s.
-- ``memory_bandwidth``: the datasheet HBM figure on a known GPU; on CPU (no spec table) a measured
-  STREAM-like copy bandwidth from ``measure_memory_bandwidth``.
+- ``kv_cache_bytes_per_token``, ``kv_cache_tensor_bytes``: the KV cache's formula and the bytes
+  its tensors hold. The bounds these feed (bandwidth and compute ceilings, the ridge point) are
+  ``labkit.roofline``.
 
 torch is imported inside functions, so ``import labkit.profiling`` stays cheap.
 """
@@ -130,12 +129,29 @@ def _without_kineto_banners():
                 sys.stderr.write("".join(kept))
 
 
+def op_events(events) -> list:
+    """The operator rows of a profiler's ``key_averages()``: events recorded on the CPU side
+    (``aten::`` ops, runtime calls) that are not user annotations. GPU kernel events are
+    dropped: their time already shows in the CUDA columns of the op that launched them."""
+    from torch.autograd import DeviceType
+
+    return [ev for ev in events
+            if ev.device_type == DeviceType.CPU and not ev.is_user_annotation]
+
+
 def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | None = None,
                 device=None, warmup: int = 1):
     """Profile one call of ``fn`` with torch.profiler; the ``top`` ops as a DataFrame.
 
     Columns: op, calls, self_cpu_ms, cpu_total_ms and, when CUDA was used, cuda_total_ms and
     self_cuda_ms (all milliseconds). Sorted by device time on a GPU, self CPU time otherwise.
+    One row per op (``aten::mm``, ...) and nothing else: the GPU kernels an op launches are
+    already in its CUDA columns, so their own rows (and user annotations such as
+    ``record_function`` ranges) are left out, and each millisecond of a ``self_`` column is
+    counted once: summed over all ops it is at most the call's wall time. ``*_total_ms``
+    include the ops an op calls (``aten::linear`` contains its ``aten::mm``): never sum those.
+    ``frame.attrs`` holds ``self_ms_sum`` (the sort column summed over *all* ops, not only the
+    top ones) and ``wall_ms`` (the profiled call, synchronized), so shares can be computed.
     ``trace_path`` writes a Chrome trace (open it in chrome://tracing or ui.perfetto.dev).
     """
     import pandas as pd
@@ -153,10 +169,12 @@ def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | N
     _sync(dev)
     with _without_kineto_banners(), torch.inference_mode(), \
             profile(activities=activities, record_shapes=False) as prof:
+        start = time.perf_counter()
         fn()
         _sync(dev)
+        wall_s = time.perf_counter() - start
     rows = []
-    for ev in prof.key_averages():
+    for ev in op_events(prof.key_averages()):
         row = {"op": ev.key, "calls": int(ev.count),
                "self_cpu_ms": ev.self_cpu_time_total / 1e3,
                "cpu_total_ms": ev.cpu_time_total / 1e3}
@@ -166,7 +184,9 @@ def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | N
         rows.append(row)
     frame = pd.DataFrame(rows)
     sort_by = "self_cuda_ms" if dev.type == "cuda" else "self_cpu_ms"
+    self_ms_sum = float(frame[sort_by].sum())
     frame = frame.sort_values(sort_by, ascending=False).head(top).reset_index(drop=True)
+    frame.attrs.update(self_ms_sum=self_ms_sum, wall_ms=wall_s * 1e3, sorted_by=sort_by)
     if trace_path is not None:
         Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace_path))
@@ -222,7 +242,9 @@ def reset_peak_memory(device=None) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def _cfg(config, key: str, default=None):
+def config_field(config, key: str, default=None):
+    """``config.key`` of a transformers config, or ``config[key]`` of a dict; ``default`` if
+    absent."""
     if isinstance(config, Mapping):
         return config.get(key, default)
     return getattr(config, key, default)
@@ -235,15 +257,16 @@ def kv_cache_bytes_per_token(config, dtype_bytes: int | float) -> int:
     ``num_key_value_heads`` (default: ``num_attention_heads``, i.e. no GQA) and ``head_dim``
     (default: ``hidden_size // num_attention_heads``). bf16/fp16: ``dtype_bytes=2``.
     """
-    text = _cfg(config, "text_config")  # multimodal configs nest the language model's
-    if text is not None and _cfg(config, "num_hidden_layers") is None:
+    text = config_field(config, "text_config")  # multimodal configs nest the language model's
+    if text is not None and config_field(config, "num_hidden_layers") is None:
         config = text
-    layers, heads = _cfg(config, "num_hidden_layers"), _cfg(config, "num_attention_heads")
+    layers = config_field(config, "num_hidden_layers")
+    heads = config_field(config, "num_attention_heads")
     if layers is None or heads is None:
         raise ValueError("config needs num_hidden_layers and num_attention_heads; got "
                          f"{type(config).__name__} without them")
-    kv_heads = _cfg(config, "num_key_value_heads") or heads
-    head_dim = _cfg(config, "head_dim") or _cfg(config, "hidden_size") // heads
+    kv_heads = config_field(config, "num_key_value_heads") or heads
+    head_dim = config_field(config, "head_dim") or config_field(config, "hidden_size") // heads
     if dtype_bytes <= 0:
         raise ValueError(f"dtype_bytes must be > 0 (e.g. 2 for bf16), got {dtype_bytes!r}")
     return int(2 * layers * kv_heads * head_dim * dtype_bytes)
@@ -257,58 +280,3 @@ def kv_cache_tensor_bytes(past_key_values) -> int:
     else:  # legacy tuple of (k, v) per layer
         pairs = list(past_key_values)
     return sum(t.numel() * t.element_size() for pair in pairs for t in pair if t is not None)
-
-
-# --- the decode roofline -----------------------------------------------------------------------
-
-def decode_roofline(weight_bytes: float, kv_bytes_per_token: float, context_tokens: float,
-                    batch_size: int, bandwidth_bytes_per_s: float) -> float:
-    """Upper bound on decode tokens/s when memory bandwidth is the limit.
-
-    One decode step reads all weights once (shared by the batch) and each sequence's KV cache
-    (``kv_bytes_per_token * context_tokens``), and emits ``batch_size`` tokens:
-    ``batch_size * bandwidth / (weights + batch_size * kv_bytes_per_token * context_tokens)``.
-    At batch 1 that is ``bandwidth / (weights + KV read per step)``. Compute limits are ignored,
-    so at large batches the real ceiling is lower.
-    """
-    if batch_size < 1 or bandwidth_bytes_per_s <= 0 or weight_bytes < 0 or context_tokens < 0:
-        raise ValueError(f"need batch_size >= 1, bandwidth > 0, weights >= 0, context >= 0; got "
-                         f"batch_size={batch_size!r}, bandwidth={bandwidth_bytes_per_s!r}, "
-                         f"weight_bytes={weight_bytes!r}, context_tokens={context_tokens!r}")
-    step_bytes = weight_bytes + batch_size * kv_bytes_per_token * context_tokens
-    return batch_size * bandwidth_bytes_per_s / step_bytes
-
-
-def measure_memory_bandwidth(size_bytes: int = 256 * 2**20, repeats: int = 5,
-                             device=None) -> float:
-    """Measured copy bandwidth in bytes/s: ``dst.copy_(src)`` of ``size_bytes``, best of repeats.
-
-    Each copy reads and writes the buffer, so bytes moved = 2 * size (as STREAM's Copy counts).
-    Use it where no datasheet figure exists (CPUs); it is below a GPU's datasheet HBM figure.
-    """
-    import torch
-
-    from labkit.device import pick_device
-
-    dev = pick_device(device)
-    n = max(1, int(size_bytes) // 4)
-    src = torch.ones(n, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(src)
-    result = time_fn(lambda: dst.copy_(src), warmup=1, repeats=repeats, device=dev)
-    return 2 * n * 4 / result.min_s
-
-
-def memory_bandwidth(device=None) -> tuple[float, str]:
-    """(bytes/s, where it came from): a known GPU's datasheet HBM figure, else a measured copy.
-
-    CPUs have no spec table here, so on CPU (or an unknown GPU) this measures with
-    ``measure_memory_bandwidth``; the source string says which.
-    """
-    from labkit.device import device_name, gpu_spec, pick_device
-
-    dev = pick_device(device)
-    if dev.type == "cuda":
-        spec = gpu_spec(device_name(dev))
-        if spec is not None:
-            return spec.hbm_bytes_per_s, f"datasheet ({spec.name})"
-    return measure_memory_bandwidth(device=dev), "measured copy"

@@ -2,7 +2,7 @@
 
 - ``tensor_bytes``: bytes a tensor holds as stored, quantized tensor types included.
 - ``weight_bytes(model)``: everything the model holds (``layers="all"``: parameters and buffers,
-  tied weights once), what one decode step reads for the roofline of ``labkit.profiling``
+  tied weights once), what one decode step reads for the roofline of ``labkit.roofline``
   (lab 01); or only the weights of the layers quantization acts on (``layers="linear"``: the
   decoder's linear layers, ``lm_head`` skipped), codes, scales and zero points included, the
   size the quantization lab (lab 04) compares; ``as_dtype`` gives those layers' size in another

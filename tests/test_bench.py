@@ -206,3 +206,46 @@ def test_workloads_past_the_prompt_pool_stay_distinct():
     assert len(set(prompts)) == len(prompts)
     assert sorted(prompts[:len(pool)]) == sorted(pool)       # the first pass is the pool as is
     assert prompts[len(pool)].startswith(f"(request {len(pool)}) ")
+
+
+@pytest.fixture(scope="module")
+def bundled_tokenizer():
+    from labkit.models import load_tokenizer, resolve
+
+    return load_tokenizer(resolve("smollm2-135m"))
+
+
+def _shared_prefix_tokens(tokenizer, prompts: list[str]) -> int:
+    """The longest token prefix any two of ``prompts`` share."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    longest = 0
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            longest = max(longest, n)
+    return longest
+
+
+def test_distinct_prompts_share_no_prefix_and_keep_their_length(bundled_tokenizer):
+    prompts = latency.distinct_prompts(bundled_tokenizer, 64, 12) + \
+        latency.distinct_prompts(bundled_tokenizer, 64, 12)  # a second call: new prompts too
+    assert len(set(prompts)) == 24
+    assert _shared_prefix_tokens(bundled_tokenizer, prompts) < 4  # vLLM caches blocks of 16
+    for p in prompts:
+        assert abs(len(bundled_tokenizer(p, add_special_tokens=False)["input_ids"]) - 64) <= 2
+
+
+def test_latency_and_decode_benches_never_repeat_a_prompt(bundled_tokenizer, monkeypatch):
+    # an engine with prefix caching would serve a repeated prompt's prefill from its cache
+    from fakes import FakeEngine
+
+    engine = FakeEngine(tokens=4, step_s=0.0, tokenizer=bundled_tokenizer)
+    monkeypatch.setattr(latency, "roofline_fields", lambda *a, **k: {})
+    monkeypatch.setattr(latency, "engine_device", lambda eng: "cpu")
+    latency.run_latency_bench(engine, num_requests=3, prompt_lens=(16, 32), out_lens=(4,),
+                              warmup=1, progress=False)
+    latency.decode_sweep(engine, [1, 4], prompt_len=16, out_len=4, progress=False)
+    prompts = [r.prompt for r in engine.received if r.prompt != "Hello"]  # Hello: warmup()
+    assert len(prompts) == 2 * (1 + 3) + 2 * (1 + 4)
+    assert len(set(prompts)) == len(prompts)
+    assert _shared_prefix_tokens(bundled_tokenizer, prompts) < 8

@@ -315,3 +315,57 @@ def test_prefix_sharing_ttft_sends_shared_prefix_prompts():
     assert len({m[-1]["content"] for m in seen}) == 3  # three different questions ...
     assert len({m[0]["content"] for m in seen}) == 1  # ... after one shared prefix
     assert len(seen[0][0]["content"]) > 200
+
+
+def test_prefix_conversations_share_the_system_prompt_only_when_asked():
+    from labkit.bench.caching import prefix_conversations
+
+    shared = prefix_conversations(3, prefix_sentences=4)
+    unique = prefix_conversations(3, prefix_sentences=4, shared=False)
+    assert len({m[0]["content"] for m in shared}) == 1
+    assert len({m[0]["content"][:12] for m in unique}) == 3  # they differ from the start
+    assert {len(m[0]["content"]) for m in unique} == {len(shared[0][0]["content"]) + 14}
+
+
+@pytest.mark.slow
+def test_kv_reuse_prefills_only_the_new_tokens_and_gives_the_same_logits():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from labkit.bench.caching import kv_reuse_ttft, prefix_conversations
+    from labkit.engines.base import encode_request
+    from labkit.models import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m"))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)).eval()
+    fed, last = [], []
+    forward = model.forward
+
+    def spy(input_ids, **kw):
+        out = forward(input_ids, **kw)
+        fed.append(input_ids.shape[1])
+        last.append(out.logits[0, -1])
+        return out
+
+    model.forward = spy
+    for shared in (True, False):
+        fed.clear()
+        last.clear()
+        convs = prefix_conversations(3, prefix_sentences=6, shared=shared)
+        ttfts = kv_reuse_ttft(model, tokenizer, convs)
+        lengths = [len(encode_request(tokenizer, Request(messages=m, max_tokens=1)))
+                   for m in convs]
+        assert len(ttfts) == 3 and all(t > 0 for t in ttfts)
+        assert fed[0] == lengths[0]
+        if shared:  # later requests prefill only what follows the shared system prompt
+            assert all(n < lengths[i] // 3 for i, n in enumerate(fed[1:], 1)), (fed, lengths)
+        else:  # a unique prefix: nothing to reuse beyond the template's first tokens
+            assert all(n >= lengths[i] - 8 for i, n in enumerate(fed)), (fed, lengths)
+        with torch.inference_mode():  # reusing the KV cache changes nothing in the result
+            for m, got in zip(convs, last):
+                ids = encode_request(tokenizer, Request(messages=m, max_tokens=1))
+                full = forward(torch.tensor([ids])).logits[0, -1]
+                assert torch.allclose(got, full, atol=1e-4)

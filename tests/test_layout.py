@@ -15,8 +15,8 @@ MAX_LINES = 350
 FLOORS = [
     {"config", "device", "models", "metrics", "processes"},
     {"engines"},
-    {"profiling", "quant", "quant_methods", "sizes", "quality", "equivalence", "plots", "widgets",
-     "prune", "claims", "records", "quiz"},
+    {"profiling", "roofline", "quant", "quant_methods", "sizes", "quality", "equivalence", "plots",
+     "widgets", "prune", "claims", "records", "quiz"},
     {"serving"},
     {"bench"},
     {"course"},

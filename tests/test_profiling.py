@@ -1,4 +1,5 @@
-"""Timers synchronize and warm up, the profiler finds the matmuls, memory formulas match tensors."""
+"""Timers synchronize and warm up, the profiler finds the matmuls and counts each op once, memory
+formulas match tensors, the roofline has both ceilings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import labkit.device
-from labkit import profiling
+from labkit import profiling, roofline
 
 SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                hidden_size=576)
@@ -94,25 +95,25 @@ def test_kv_formula_matches_the_cache_tensors_a_forward_leaves(tiny_llama, lengt
 
 def test_decode_roofline_batch_one_is_bandwidth_over_bytes_per_step():
     # 1 GB weights + 1000 tokens * 100 kB of KV cache, read at 1 TB/s
-    assert profiling.decode_roofline(1e9, 1e5, 1000, 1, 1e12) == pytest.approx(1e12 / 1.1e9)
-    assert profiling.decode_roofline(1e9, 1e5, 1000, 8, 1e12) == pytest.approx(8e12 / 1.8e9)
+    assert roofline.decode_roofline(1e9, 1e5, 1000, 1, 1e12) == pytest.approx(1e12 / 1.1e9)
+    assert roofline.decode_roofline(1e9, 1e5, 1000, 8, 1e12) == pytest.approx(8e12 / 1.8e9)
 
 
 def test_decode_roofline_grows_with_batch_but_kv_reads_cap_it():
-    bounds = [profiling.decode_roofline(1e9, 1e5, 1000, b, 1e12) for b in (1, 2, 4, 64, 4096)]
+    bounds = [roofline.decode_roofline(1e9, 1e5, 1000, b, 1e12) for b in (1, 2, 4, 64, 4096)]
     assert bounds == sorted(bounds)
     assert bounds[-1] < 1e12 / (1e5 * 1000)  # the limit when KV reads dominate
     with pytest.raises(ValueError, match="batch_size=0"):
-        profiling.decode_roofline(1e9, 1e5, 1000, 0, 1e12)
+        roofline.decode_roofline(1e9, 1e5, 1000, 0, 1e12)
 
 
 def test_measured_copy_bandwidth_is_plausible():
-    bw = profiling.measure_memory_bandwidth(size_bytes=16 * 2**20, repeats=3, device="cpu")
+    bw = roofline.measure_memory_bandwidth(size_bytes=16 * 2**20, repeats=3, device="cpu")
     assert 1e8 < bw < 1e13  # between 0.1 GB/s and 10 TB/s
 
 
 def test_memory_bandwidth_on_cpu_is_measured_not_looked_up():
-    bw, source = profiling.memory_bandwidth("cpu")
+    bw, source = roofline.memory_bandwidth("cpu")
     assert 1e8 < bw < 1e13 and source == "measured copy"  # between 0.1 GB/s and 10 TB/s
 
 
@@ -126,7 +127,7 @@ def test_memory_bandwidth_on_a_known_gpu_is_its_datasheet_figure(monkeypatch, dr
 
     monkeypatch.setattr(device, "pick_device", lambda dev=None: torch.device("cuda"))
     monkeypatch.setattr(device, "device_name", lambda dev=None: driver_name)
-    bw, source = profiling.memory_bandwidth()
+    bw, source = roofline.memory_bandwidth()
     assert bw == hbm_bytes_per_s and source == f"datasheet ({device.gpu_spec(driver_name).name})"
 
 
@@ -162,3 +163,78 @@ def test_profile_ops_drops_kineto_banners_but_keeps_other_native_stderr(capfd):
     profiling.profile_ops(fn, top=3, device="cpu", warmup=0)
     err = capfd.readouterr().err
     assert "USDT:" not in err and "a real native warning" in err
+
+
+def test_profiler_table_counts_each_op_once(tiny_llama):
+    ids = torch.randint(0, 128, (1, 16))
+    table = profiling.profile_ops(lambda: tiny_llama(ids), top=50, device="cpu")
+    assert table.attrs["sorted_by"] == "self_cpu_ms"
+    assert table["self_cpu_ms"].sum() <= table.attrs["self_ms_sum"] + 1e-9
+    # self times of ops do not overlap, so together they fit in the profiled call's wall time
+    assert 0 < table.attrs["self_ms_sum"] <= table.attrs["wall_ms"] * 1.01
+
+
+def test_op_events_leave_out_gpu_kernels_and_annotations():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device_type, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation)
+
+    events = [event("aten::mm", DeviceType.CPU), event("sm90_xmma_gemm_bf16", DeviceType.CUDA),
+              event("my_region", DeviceType.CPU, annotation=True),
+              event("cudaLaunchKernel", DeviceType.CPU)]
+    # the kernel's time is already the aten::mm row's CUDA time: one row per op, nothing twice
+    assert [e.key for e in profiling.op_events(events)] == ["aten::mm", "cudaLaunchKernel"]
+
+
+def test_ridge_point_is_where_the_two_ceilings_meet():
+    peak, bw = 989e12, 4.8e12  # H200 datasheet: dense bf16, HBM
+    ridge = roofline.ridge_point(peak, bw)
+    assert ridge == pytest.approx(206.0, rel=1e-3)
+    assert roofline.attainable_flops(1.0, peak, bw) == bw            # bandwidth-bound below
+    assert roofline.attainable_flops(1000.0, peak, bw) == peak       # compute-bound above
+    assert roofline.attainable_flops(ridge, peak, bw) == pytest.approx(peak)
+    with pytest.raises(ValueError, match="bandwidth=0"):
+        roofline.ridge_point(peak, 0)
+
+
+def test_decode_roofline_compute_ceiling_caps_large_batches():
+    # 1 GB of weights, no KV, 1 TB/s, 2 GFLOP per token, 100 TFLOP/s: the compute ceiling is
+    # 50,000 tokens/s; bandwidth allows 1,000 x batch
+    kw = dict(peak_flops_per_s=100e12, flops_per_token=2e9)
+    assert roofline.decode_roofline(1e9, 0, 0, 1, 1e12, **kw) == pytest.approx(1000)
+    assert roofline.decode_roofline(1e9, 0, 0, 4096, 1e12, **kw) == pytest.approx(50_000)
+    with pytest.raises(ValueError, match="both"):
+        roofline.decode_roofline(1e9, 0, 0, 1, 1e12, peak_flops_per_s=1e12)
+
+
+def test_flops_per_token_is_two_per_matmul_weight_plus_attention(tiny_llama):
+    params = roofline.matmul_params(tiny_llama)
+    # 2 layers x (q, k, v, o, gate, up, down) + lm_head (tied or not, it is a matmul)
+    per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * 64 * 128
+    assert params == 2 * per_layer + 128 * 64
+    f0 = roofline.flops_per_token(tiny_llama.config, params, 0)
+    assert f0 == 2 * params
+    assert roofline.flops_per_token(tiny_llama.config, params, 10) == f0 + 4 * 2 * 4 * 16 * 10
+
+
+def test_decode_and_prefill_intensity():
+    # fp32, 2 FLOPs per 4-byte weight: batch-1 decode does 0.5 FLOP per byte, batch 8 four times
+    # that when the KV cache is negligible; a prefill of P tokens reads the weights once
+    w = 4e9
+    assert roofline.decode_intensity(1, 2e9, w, 0, 0) == pytest.approx(0.5)
+    assert roofline.decode_intensity(8, 2e9, w, 0, 0) == pytest.approx(4.0)
+    assert roofline.decode_intensity(8, 2e9, w, 1e5, 1e4) < 4.0  # KV reads lower it
+    assert roofline.prefill_intensity(512, 2e9, w, 0) == pytest.approx(256.0)
+
+
+def test_compute_peak_on_cpu_is_measured_and_on_a_known_gpu_is_the_datasheet(monkeypatch):
+    flops, source = roofline.compute_peak("cpu")
+    assert 1e8 < flops < 1e15 and source == "measured matmul"
+    from labkit import device
+
+    monkeypatch.setattr(device, "pick_device", lambda dev=None: torch.device("cuda"))
+    monkeypatch.setattr(device, "device_name", lambda dev=None: "NVIDIA H200")
+    assert roofline.compute_peak() == (989e12, "datasheet bf16 (NVIDIA H200)")

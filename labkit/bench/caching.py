@@ -1,6 +1,8 @@
 """``labkit bench cache`` and the caching lab's (lab 03) workloads: a Zipf request stream, the
 hit ratio an exact cache would reach on it, the latency of the hit and miss paths through a real
-engine, and TTFT with a long shared prefix (what vLLM's prefix caching saves).
+engine, and TTFT with a long shared prefix against unique prefixes (what prefix caching saves:
+vLLM's, through ``prefix_sharing_ttft``, or a one-entry prefix cache by hand on a transformers
+model, ``kv_reuse_ttft``).
 
 Workloads. ``zipf_workload`` draws prompts with Zipf popularity and a set share of repeats
 (``repeat_fraction``); ``simulate_hit_ratio`` replays such a stream through an LRU of a given
@@ -86,23 +88,63 @@ def simulate_hit_ratio(stream: Sequence[str], *, capacity: int | None = None,
     return cache.counters.hit_ratio
 
 
+def prefix_conversations(num_requests: int, *, prefix_sentences: int = 40,
+                         shared: bool = True) -> list[list[dict]]:
+    """``num_requests`` chat requests (a long system prompt, then a short user question), for
+    the prefix-caching demo. ``shared``: one system prompt for all (the prefix, about 13 tokens a
+    sentence: 160 sentences are ~2,100 tokens); else each system prompt starts with its own
+    session tag, so requests of the same length share no prefix beyond the chat template's
+    first tokens and a prefix cache has nothing to reuse."""
+    rules = " ".join(f"Rule {i}: answer briefly, politely and in English." for i in
+                     range(prefix_sentences))
+    return [[{"role": "system", "content": rules if shared else f"Session {i:04d}. {rules}"},
+             {"role": "user", "content": f"Question {i}: {question}"}]
+            for i, question in enumerate(prompt_pool(num_requests))]
+
+
 def prefix_sharing_ttft(engine, *, num_requests: int = 8, prefix_sentences: int = 40,
-                        max_tokens: int = 4) -> list[float]:
-    """TTFT (s) of ``num_requests`` chat requests sent one at a time that share one long system
-    prompt (the prefix) and differ only in a short user question at the end.
+                        max_tokens: int = 4, shared: bool = True) -> list[float]:
+    """TTFT (s) of the ``prefix_conversations`` requests sent one at a time to ``engine``.
 
     With an engine that caches the KV of shared prefixes (vLLM ``enable_prefix_caching=True``)
-    every request after the first skips most of its prefill, so its TTFT drops; without it each
-    request pays the full prefill. The first value includes filling the prefix cache.
+    every shared-prefix request after the first skips most of its prefill, so its TTFT drops;
+    with ``shared=False``, or without prefix caching, each request pays the full prefill. The
+    first value includes filling the prefix cache.
     """
-    prefix = " ".join(f"Rule {i}: answer briefly, politely and in English." for i in
-                      range(prefix_sentences))
-    ttfts = []
-    for i, question in enumerate(prompt_pool(num_requests)):
-        messages = [{"role": "system", "content": prefix},
-                    {"role": "user", "content": f"Question {i}: {question}"}]
-        done = engine.generate([Request(messages=messages, max_tokens=max_tokens)])[0]
-        ttfts.append(done.ttft_s)
+    return [engine.generate([Request(messages=m, max_tokens=max_tokens)])[0].ttft_s
+            for m in prefix_conversations(num_requests, prefix_sentences=prefix_sentences,
+                                          shared=shared)]
+
+
+def kv_reuse_ttft(model, tokenizer, conversations: Sequence[list[dict]]) -> list[float]:
+    """TTFT (s) of greedy chat requests run one at a time on a transformers ``model`` behind a
+    prefix cache of one entry, by hand: the KV cache of the previous prompt is kept, cut back
+    (``DynamicCache.crop``) to the tokens the next prompt shares with it, and only the rest of
+    the next prompt is prefilled. vLLM does the same for every request, in blocks of 16 tokens
+    and for many prefixes at once; transformers' ``generate`` (the ``hf`` engine) does not.
+    TTFT here is the prefill plus picking the first token (on the host).
+    """
+    import torch
+
+    from labkit.engines.base import encode_request
+
+    ttfts, held, cache = [], [], None
+    with torch.inference_mode():
+        for messages in conversations:
+            ids = encode_request(tokenizer, Request(messages=messages, max_tokens=1))
+            start = time.perf_counter()
+            keep = 0
+            while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
+                keep += 1
+            if keep == 0:
+                cache = None
+            else:
+                cache.crop(keep)
+            out = model(torch.tensor([ids[keep:]], device=model.device), past_key_values=cache,
+                        use_cache=True)
+            out.logits[0, -1].argmax().item()  # the first token, on the host
+            ttfts.append(time.perf_counter() - start)
+            held, cache = ids, out.past_key_values
     return ttfts
 
 

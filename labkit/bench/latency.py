@@ -4,14 +4,18 @@
   warm-up per shape, one ``"latency"`` run per (prompt length, output length) pair, each with
   the roofline fields of ``roofline_fields``.
 - ``roofline_fields``: batch-1 decode tokens/s (1 / mean TPOT) beside the memory-bandwidth bound
-  of ``labkit.profiling.decode_roofline`` for the engine's weights (``labkit.sizes``).
+  of ``labkit.roofline.decode_roofline`` for the engine's weights (``labkit.sizes``).
 - ``decode_sweep``: decode tokens/s of one static batch per batch size.
+- ``distinct_prompts``: prompts of one length that share no prefix. Every request of both
+  benches gets its own, warm-ups included, so an engine that caches prefixes (vLLM's automatic
+  prefix caching) cannot serve one request's prefill from another's: TTFT times a whole prefill.
 
 Used by the profiling lab (lab 01).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +28,7 @@ from labkit.metrics import bench_document, summarize, write_json
 
 
 def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
-                      num_requests: int = 4, prompt_lens: Sequence[int] = (32, 128),
+                      num_requests: int = 10, prompt_lens: Sequence[int] = (32, 128),
                       out_lens: Sequence[int] = (32,), warmup: int = 1,
                       json_path: str | Path | None = None, progress: bool = True,
                       **engine_kwargs) -> dict:
@@ -33,7 +37,9 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
     Warm-up: ``engine.warmup()`` ``warmup`` times, then ``warmup`` untimed requests of each
     (prompt length, output length) shape before that shape is timed: an engine with a static
     KV cache and CUDA graphs builds them per shape, and the first request of a new shape would
-    otherwise carry that cost in its TTFT and TPOT.
+    otherwise carry that cost in its TTFT and TPOT. Every request, warm-ups included, has its own
+    prompt (``distinct_prompts``), so prefix caching never shortens a prefill. ``num_requests``
+    per shape: 10 or more give percentiles that do not jump from run to run.
 
     One run named ``"latency"`` per (prompt length, output length) pair, with extra fields
     ``prompt_len`` (target prompt tokens), ``out_len`` (output tokens, ``ignore_eos``) and
@@ -53,12 +59,12 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
         runs = []
         bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
         for prompt_len, out_len in pairs:
-            text = prompt_of_length(eng.tokenizer, prompt_len)
-            for _ in range(warmup):
+            texts = distinct_prompts(eng.tokenizer, prompt_len, warmup + num_requests)
+            for text in texts[:warmup]:
                 eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
             done = []
             start = now()
-            for _ in range(num_requests):
+            for text in texts[warmup:]:
                 [c] = eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
                 done.append(c)
                 bar.update()
@@ -69,13 +75,32 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
             runs.append(run)
         bar.close()
         doc = bench_document("latency", runs, engine=eng.name, model=eng.model_name,
-                             device=engine_device(eng), warmup=warmup)
+                             device=engine_device(eng), warmup=warmup, distinct_prompts=True)
     finally:
         if owned:
             eng.close()
     if json_path is not None:
         write_json(doc, json_path)
     return doc
+
+
+_PROMPT_NUMBERS = itertools.count()  # one number per prompt made in this process
+
+
+def distinct_prompts(tokenizer, n_tokens: int, count: int) -> list[str]:
+    """``count`` prompts of about ``n_tokens`` tokens, no two alike in this process: each opens
+    with its own number (``"Request 17. "``), then the bundled text (``prompt_of_length``). Two
+    of them share at most their first three tokens, less than one block of a prefix cache
+    (16 tokens in vLLM): nothing to reuse. ``n_tokens >= 12`` keeps each number whole."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count!r}")
+    body = tokenizer(prompt_of_length(tokenizer, n_tokens), add_special_tokens=False)["input_ids"]
+    prompts = []
+    for _ in range(count):
+        tag = tokenizer(f"Request {next(_PROMPT_NUMBERS)}. ",
+                        add_special_tokens=False)["input_ids"]
+        prompts.append(tokenizer.decode((tag + body)[:n_tokens]))
+    return prompts
 
 
 def _held_weights(engine: Engine) -> tuple[int, int]:
@@ -97,13 +122,14 @@ def roofline_fields(engine: Engine, tpot_s: float, context_tokens: float,
     """Batch-1 decode tokens/s (1 / mean TPOT), its memory-bandwidth bound and the fraction.
 
     Bound = bandwidth / (weight bytes + KV-cache bytes read per step), see
-    ``labkit.profiling.decode_roofline``; bandwidth is the GPU's datasheet HBM figure, or a
+    ``labkit.roofline.decode_roofline``; bandwidth is the GPU's datasheet HBM figure, or a
     measured copy bandwidth on a CPU (``bandwidth_source`` says which). Pass ``weight_bytes``
     for quantized weights, whose packed size the engine's parameters do not show.
     """
     from transformers import AutoConfig
 
-    from labkit.profiling import decode_roofline, kv_cache_bytes_per_token, memory_bandwidth
+    from labkit.profiling import kv_cache_bytes_per_token
+    from labkit.roofline import decode_roofline, memory_bandwidth
 
     weights, elem = _held_weights(engine)
     elem = 2 if weight_bytes is not None else elem  # quantized models keep a bf16 KV cache
@@ -125,22 +151,26 @@ def decode_sweep(engine: Engine, batch_sizes: Sequence[int], prompt_len: int = 3
     """Decode tokens/s of one static batch per size: ``batch_size / mean TPOT`` (tok/s).
 
     With ``warmup`` each batch is generated once untimed before the timed run (a new batch size
-    means new kernels, allocations and, on the static-cache path, a new CUDA graph). TPOT
-    excludes the first token, so prefill stays out; ``context_tokens`` is the mean context a
-    decode step attends to (prompt + half the output), for ``decode_roofline``.
+    means new kernels, allocations and, on the static-cache path, a new CUDA graph). Every
+    sequence, warm-up ones included, has its own prompt (``distinct_prompts``): a batch of one
+    repeated prompt would let prefix caching share its KV blocks. TPOT excludes the first
+    token, so prefill stays out; ``context_tokens`` is the mean context a decode step attends to
+    (prompt + half the output), for ``labkit.roofline.decode_roofline``.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     if out_len < 2:
         raise ValueError(f"out_len must be >= 2 to measure decode (TPOT), got {out_len!r}")
-    text = prompt_of_length(engine.tokenizer, prompt_len)
     rows = []
     for b in tqdm(list(batch_sizes), desc="decode sweep", disable=not progress):
-        reqs = [Request(prompt=text, max_tokens=out_len, ignore_eos=True) for _ in range(b)]
+        rounds = 2 if warmup else 1
+        texts = distinct_prompts(engine.tokenizer, prompt_len, rounds * b)
+        reqs = [[Request(prompt=t, max_tokens=out_len, ignore_eos=True) for t in texts[i::rounds]]
+                for i in range(rounds)]
         if warmup:
-            engine.generate(reqs)
-        done = engine.generate(reqs)
+            engine.generate(reqs[1])
+        done = engine.generate(reqs[0])
         tpot = sum(c.tpot_s for c in done) / len(done)
         rows.append({"batch_size": b, "tpot_s": tpot, "decode_tokens_per_s": b / tpot,
                      "prompt_tokens": done[0].prompt_tokens,
