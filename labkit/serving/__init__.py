@@ -3,6 +3,8 @@
 | module             | what it is |
 |--------------------|----------------------------------------|
 | ``service``        | ``InferenceService``: key once -> cache -> ``Batcher`` -> engine -> store |
+| ``responses``      | ``ServiceResponse`` and ``StreamEvent``: what a caller gets back |
+| ``flights``        | ``Flights``: identical requests in flight share one generation |
 | ``batchers``       | the ``Batcher`` protocol, its defaults, ``DynamicBatcher``, ``Overloaded`` |
 | ``gate``           | ``ContinuousGate``: the batcher of continuous engines (hf-cb, vllm) |
 | ``serve_batcher``  | ``ServeBatcher``: Ray Serve's ``@serve.batch`` inside a replica |
@@ -10,7 +12,9 @@
 | ``cache``          | the ``AsyncCache`` interface, ``ResponseCache``, ``AsyncResponseCache`` |
 | ``cache_backends`` | where entries live: in-process LRU, Redis (sync, asyncio) |
 | ``semantic``       | ``SemanticCache``: answers matched by meaning (MiniLM embeddings) |
-| ``redis_server``   | an embedded Redis that never outlives this process; ``get_client`` |
+| ``redis_server``   | an embedded Redis that never outlives this process, restarted when it dies |
+| ``tether``         | child processes that die with this one (PDEATHSIG, watchdog, stale folders) |
+| ``openai_api``     | OpenAI's wire format: strict request bodies, the error object, 413 and 500 |
 | ``http``           | the OpenAI-compatible FastAPI front, ``serve``, ``BackgroundServer`` |
 | ``build``          | ``build_service``: engine + Redis cache + batcher -> ``InferenceService`` |
 | ``replica``        | one Ray Serve replica running the same service |
@@ -24,7 +28,8 @@ from labkit.serving.batchers import Batcher, BatcherClosed, DynamicBatcher, Over
 from labkit.serving.cache import AsyncResponseCache, ResponseCache
 from labkit.serving.gate import ContinuousGate
 from labkit.serving.keys import cache_key
-from labkit.serving.service import InferenceService, ServiceResponse, StreamEvent
+from labkit.serving.responses import ServiceResponse, StreamEvent
+from labkit.serving.service import InferenceService
 
 __all__ = ["AsyncResponseCache", "Batcher", "BatcherClosed", "ContinuousGate", "DynamicBatcher",
            "InferenceService", "Overloaded", "ResponseCache", "ServiceResponse", "StreamEvent",

@@ -27,6 +27,11 @@ are defined here once. Requests with different sampling parameters may share a b
 engine runs each parameter group with its own settings (the ``hf`` engine as separate
 ``generate`` calls, continuous engines per request). A full queue is a clear ``Overloaded``
 error at once, not an unbounded wait.
+
+A caller that leaves (its task is cancelled: a client hung up) cancels its request
+(``Request.cancel()``), so the engine stops generating it at the next step; ``aclose`` cancels
+the requests still running when its ``timeout_s`` is over and waits up to ``ABORT_WAIT_S`` for
+the engine to let go of them, so a shutdown never waits on a long generation.
 """
 
 from __future__ import annotations
@@ -34,15 +39,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from labkit.engines.base import Completion, Engine, Request, now
 
 MAX_BATCH_SIZE = 16  # requests in one engine call (continuous engines: in the engine at once)
 MAX_WAIT_MS = 10.0  # how long a batch waits for more requests after its first one (ms)
 MAX_QUEUE = 1024  # requests waiting for the engine before new ones are rejected (Overloaded)
+ABORT_WAIT_S = 5.0  # how long aclose waits for the engine to stop the requests it cancelled (s)
 
 
 class Overloaded(RuntimeError):
@@ -54,6 +60,7 @@ class BatcherClosed(RuntimeError):
 
 
 DeltaCallback = Callable[[str, float], None]  # (text_delta, t_s), called on the event loop
+T = TypeVar("T")
 
 
 class Batcher(Protocol):
@@ -117,6 +124,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._running: list[_Item] = []
+        self._call: asyncio.Future | None = None  # the engine.generate call now running
         self._closed = False
         # One thread: the engine sees one batch at a time, as a GPU would run it.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
@@ -151,7 +159,7 @@ class DynamicBatcher:
         item = _Item(request, asyncio.get_running_loop().create_future(), on_delta)
         self._pending.append(item)
         self._wakeup.set()
-        return await item.future
+        return await cancel_on_leave(item.future, request)
 
     async def _collect(self) -> list[_Item]:
         """The first waiting request, then more until the batch is full or the wait is over.
@@ -193,8 +201,9 @@ class DynamicBatcher:
                     loop.call_soon_threadsafe(_deliver, batch[i], delta, t)
 
             try:
-                completions = await loop.run_in_executor(
+                self._call = loop.run_in_executor(
                     self._pool, self.engine.generate, [item.request for item in batch], on_token)
+                completions = await self._call
             except Exception as err:  # the engine failed: every caller in the batch hears why
                 for item in batch:
                     if not item.future.done():
@@ -209,8 +218,9 @@ class DynamicBatcher:
     async def aclose(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, fail waiting requests with ``BatcherClosed``, finish the running batch.
 
-        The batch already in the engine is allowed ``timeout_s`` to finish; its callers then
-        get their results (or ``BatcherClosed`` if it did not finish in time).
+        The batch already in the engine is allowed ``timeout_s`` to finish; then its requests
+        are cancelled and the engine gets ``ABORT_WAIT_S`` to stop them. Callers whose request
+        did not finish get ``BatcherClosed``.
         """
         self._closed = True
         while self._pending:
@@ -218,9 +228,9 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(
                     BatcherClosed("the batcher shut down before this request ran"))
-        running = [item.future for item in self._running]
-        if running:
-            await asyncio.wait(running, timeout=timeout_s)
+        running = self._running  # the engine call too: a caller that left may be in it
+        await drain([item.future for item in running] + ([self._call] if running else []),
+                    [item.request for item in running], timeout_s)
         for item in self._running:
             if not item.future.done():
                 item.future.set_exception(BatcherClosed(
@@ -238,6 +248,28 @@ class DynamicBatcher:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+async def cancel_on_leave(work: Awaitable[T], request: Request) -> T:
+    """``await work``; if the caller is cancelled meanwhile, cancel ``request`` too, so the
+    engine stops generating it."""
+    try:
+        return await work
+    except asyncio.CancelledError:
+        request.cancel()
+        raise
+
+
+async def drain(futures: list[asyncio.Future], requests: list[Request], timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for the running ``futures``; then cancel their ``requests`` and
+    wait up to ``ABORT_WAIT_S`` more for the engine to stop them."""
+    pending = [f for f in futures if not f.done()]
+    if pending and timeout_s > 0:
+        _done, pending = await asyncio.wait(pending, timeout=timeout_s)
+    if pending:
+        for request in requests:
+            request.cancel()
+        await asyncio.wait(pending, timeout=ABORT_WAIT_S)
 
 
 def _deliver(item: _Item, delta: str, t: float) -> None:

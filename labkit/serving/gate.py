@@ -8,7 +8,8 @@ of ``max_batch_size`` threads, so up to ``max_batch_size`` requests are in the e
 
 A slot frees when the engine finishes the request, not when its caller leaves: a cancelled
 caller's generation is still running in the engine, and counting it as gone would let more
-requests in than ``max_batch_size``.
+requests in than ``max_batch_size``. A caller that leaves cancels its request, though
+(``Request.cancel()``), so the engine stops it at its next step and the slot frees soon after.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from labkit.serving.batchers import (
     BatcherClosed,
     DeltaCallback,
     Overloaded,
+    cancel_on_leave,
     check_knobs,
+    drain,
 )
 
 
@@ -38,7 +41,7 @@ class ContinuousGate:
         self.max_queue = max_queue
         self.joined: list[int] = []  # per request: requests in the engine once it had entered
         self._waiting = 0
-        self._running: set[concurrent.futures.Future] = set()
+        self._running: dict[concurrent.futures.Future, Request] = {}
         self._slots: asyncio.Semaphore | None = None  # made on first use, in the caller's loop
         self._closed = False
         self._pool = concurrent.futures.ThreadPoolExecutor(max_batch_size,
@@ -88,26 +91,26 @@ class ContinuousGate:
                 loop.call_soon_threadsafe(on_delta, delta, t)
 
         future = self._pool.submit(self.engine.generate, [request], on_token)
-        self._running.add(future)
+        self._running[future] = request
         self.joined.append(len(self._running))
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._release, f))
-        [completion] = await asyncio.wrap_future(future)
+        [completion] = await cancel_on_leave(asyncio.wrap_future(future), request)
         return completion
 
     def _release(self, future: concurrent.futures.Future) -> None:
         """The engine is done with ``future``'s request: its slot goes to the next waiter."""
-        self._running.discard(future)
+        self._running.pop(future, None)
         self._slots.release()
 
     async def aclose(self, timeout_s: float = 30.0) -> None:
-        """Stop accepting; give the requests in the engine up to ``timeout_s`` to finish.
+        """Stop accepting; give the requests in the engine up to ``timeout_s`` to finish, then
+        cancel them and give the engine ``ABORT_WAIT_S`` to stop them.
 
         Requests still waiting for a slot fail with ``BatcherClosed`` as slots free up.
         """
         self._closed = True
-        running = [asyncio.wrap_future(f) for f in self._running]
-        if running:
-            await asyncio.wait(running, timeout=timeout_s)
+        running = dict(self._running)
+        await drain([asyncio.wrap_future(f) for f in running], list(running.values()), timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> ContinuousGate:

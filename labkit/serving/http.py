@@ -13,9 +13,18 @@ A request with the header ``Cache-Control: no-cache`` (or ``no-store``) skips th
 cache: it runs on the engine, is not shared with identical requests in flight and is not
 stored. Load generators send it (``labkit.bench.client``) so they measure the model, not Redis.
 
-Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: a malformed body or
-a bad field is 400 and names the field and the allowed values; an unknown model is 404 and names
-the served one; overload is 503 with ``Retry-After`` (OpenAI clients retry 503 on their own).
+Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` (the wire format
+is ``labkit.serving.openai_api``), whatever goes wrong: a malformed body, a bad field (strict
+types), an empty prompt or one beyond the model's context (``context_length_exceeded``) is 400
+and names the field and what is allowed; an unknown model or route is 404, a wrong method 405;
+a body over ``max_body_bytes`` is 413; overload and shutdown are 503 with ``Retry-After``
+(OpenAI clients retry 503 on their own); a generation stopped at the service's deadline is 504;
+anything else is a 500 that leaves the connection usable. A streamed request that fails before
+its first token gets the same status codes; after that, the error is the stream's last event.
+
+Bounded work: a client that hangs up cancels its request (the engine stops generating it), and
+on SIGTERM or Ctrl-C ``serve`` gives the requests in flight ``drain_s`` seconds, then cancels
+them, so the server exits within about ``drain_s`` plus one decode step.
 
 Defaults follow OpenAI's API: ``temperature=1`` (sampled, so not cached: send
 ``temperature=0`` for greedy, cacheable answers), ``max_tokens=16`` for completions; chat
@@ -26,107 +35,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
 
-from pydantic import BaseModel, Field
+from starlette.requests import Request as HTTPRequest
 
-from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
-from labkit.engines.base import Request
-from labkit.serving.batchers import (
-    MAX_BATCH_SIZE,
-    MAX_QUEUE,
-    MAX_WAIT_MS,
-    BatcherClosed,
-    Overloaded,
-)
+from labkit.config import DEFAULT_MODEL
+from labkit.engines.base import InvalidRequest, Request
+from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from labkit.serving.build import build_service
-from labkit.serving.service import InferenceService
+from labkit.serving.openai_api import (
+    MAX_BODY_BYTES,
+    REQUEST_ERRORS,
+    APIError,
+    BodyLimit,
+    ChatBody,
+    CompletionBody,
+    ErrorsAsJSON,
+    SamplingBody,
+    api_error,
+    error_body,
+    error_response,
+    http_error,
+    validation_message,
+)
+from labkit.serving.service import DEADLINE_S, InferenceService
 
-MAX_TOKENS_LIMIT = 4096
-ALLOWED = {  # what an error message says a field accepts
-    "max_tokens": f"an integer in [1, {MAX_TOKENS_LIMIT}]",
-    "temperature": "a number in [0, 2]",
-    "top_p": "a number in (0, 1]",
-    "n": "1 (one choice per request)",
-    "messages": "a non-empty list of {role, content} objects",
-    "prompt": "a string or a non-empty list of strings",
-}
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
-    ignore_eos: bool = False  # vLLM's extension, for fixed-length benchmarks
-    user: str | None = None
-
-    def request(self, **kind) -> Request:
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return Request(**kind, max_tokens=self.max_tokens, temperature=self.temperature,
-                       top_p=self.top_p, seed=self.seed, stop=stop or None,
-                       ignore_eos=self.ignore_eos, request_id=f"req-{uuid.uuid4().hex[:16]}")
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = \
-            status, message, param, code, kind
-
-
-def _error_response(err: APIError, headers: dict | None = None):
-    from fastapi.responses import JSONResponse
-
-    body = {"error": {"message": err.message, "type": err.kind, "param": err.param,
-                      "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=headers)
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """One readable message for pydantic's errors: the field, what was wrong, what is allowed."""
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}", None
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = loc[0] if loc else None
-    if not loc:
-        return f"the request body must be a JSON object: {first['msg']}", None
-    allowed = ALLOWED.get(param)
-    got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
-    msg = f"invalid '{'.'.join(loc)}': {first['msg']}{got}"
-    return (msg + (f"; allowed: {allowed}" if allowed else "")), param
+DRAIN_S = 5  # seconds the requests in flight get to finish after SIGTERM, before cancellation
+log = logging.getLogger(__name__)
 
 
 def _uses_cache(cache_control: str | None) -> bool:
@@ -139,11 +78,40 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def create_app(service: InferenceService, model_name: str | None = None):
-    """The FastAPI app around ``service``; ``model_name`` is the id clients must send."""
+async def _unless_gone(work, http_request):
+    """``await work``, unless the client hangs up first (its connection sends
+    ``http.disconnect``): then ``work`` is cancelled (and with it the request's generation) and
+    the answer is a 499. Errors of the request path become their ``APIError``."""
+    async def gone() -> None:
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even if left
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is cancelling this request (shutdown)
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():  # the client hung up first
+        work.cancel()
+        raise APIError(499, "the client closed the request", None, "client_closed")
+    try:
+        return work.result()
+    except REQUEST_ERRORS as err:
+        raise api_error(err) from None
+
+
+def create_app(service: InferenceService, model_name: str | None = None, *,
+               max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app around ``service``; ``model_name`` is the id clients must send;
+    ``max_body_bytes``: larger request bodies get a 413."""
     from fastapi import FastAPI, Header
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
     served = model_name or service.model_name
     created = int(time.time())
@@ -151,40 +119,50 @@ def create_app(service: InferenceService, model_name: str | None = None):
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        await service.aclose()
+        await service.aclose(timeout_s=0)  # the server already gave its requests drain_s
 
     app = FastAPI(title="labkit inference server", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(ErrorsAsJSON)
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_req, exc: RequestValidationError):
-        message, param = _validation_message(list(exc.errors()))
-        return _error_response(APIError(400, message, param))
+        message, param = validation_message(list(exc.errors()))
+        return error_response(APIError(400, message, param))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(req, exc: HTTPException):
+        return error_response(http_error(req.method, req.url.path, exc), exc.headers)
 
     @app.exception_handler(APIError)
-    async def _api_error(_req, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return _error_response(exc, headers)
+    async def _api_error_answer(_req, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(_req, exc: InvalidRequest):
+        return error_response(api_error(exc))
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{served}'", "model", "model_not_found")
 
-    async def run(request: Request, use_cache: bool):
-        try:
-            return await service.handle(request, use_cache=use_cache)
-        except Overloaded as err:
-            raise APIError(503, str(err), None, "overloaded", "server_overloaded") from None
-        except BatcherClosed as err:
-            raise APIError(503, str(err), None, "shutting_down", "server_unavailable") from None
+    async def run(requests: list[Request], use_cache: bool, http_request: HTTPRequest):
+        """Every request's response, or the first error as an APIError; a client that hangs
+        up meanwhile cancels them all (the engine stops generating them)."""
+        return await _unless_gone(asyncio.gather(
+            *(service.handle(r, use_cache=use_cache) for r in requests)), http_request)
 
     def usage(responses) -> dict:
         prompt = sum(r.completion.prompt_tokens for r in responses)
         out = sum(r.completion.output_tokens for r in responses)
         return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out}
 
-    def streamed(request: Request, kind: str, body: _Sampling, use_cache: bool):
+    async def streamed(request: Request, kind: str, body: SamplingBody, use_cache: bool,
+                       http_request: HTTPRequest):
+        """An SSE response; it starts once the first text (or the answer) is there, so an error
+        before the first token (400, 503, 504) is the response's status, not a stream event."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         head = {"id": rid, "object": obj, "created": int(time.time()), "model": served}
@@ -199,27 +177,44 @@ def create_app(service: InferenceService, model_name: str | None = None):
                           "finish_reason": finish}
             return {**head, "choices": [choice]}
 
+        source = service.stream(request, use_cache=use_cache)
+        try:
+            first = await _unless_gone(anext(source), http_request)
+        except APIError:
+            await source.aclose()
+            raise
+
         async def events():
             try:
                 if kind == "chat":
                     yield _sse(chunk(None, None, role=True))
-                async for event in service.stream(request, use_cache=use_cache):
+                event = first
+                while True:
                     if event.response is None:
                         yield _sse(chunk(event.text, None))
                     else:
                         yield _sse(chunk(None, event.response.finish_reason))
                         if body.stream_options and body.stream_options.include_usage:
                             yield _sse({**head, "choices": [], "usage": usage([event.response])})
-            except (Overloaded, BatcherClosed) as err:  # headers are sent: report in-stream
-                yield _sse({"error": {"message": str(err), "type": "server_overloaded",
-                                      "param": None, "code": "overloaded"}})
+                        break
+                    event = await anext(source)
+            except REQUEST_ERRORS as err:  # headers are sent: report in-stream
+                yield _sse(error_body(api_error(err)))
+            except Exception as exc:  # noqa: BLE001 (end the stream cleanly, keep the connection)
+                log.exception("stream of %s failed", request.request_id)
+                yield _sse(error_body(APIError(500, f"internal error: {type(exc).__name__}: "
+                                                    f"{exc}", None, "internal_error",
+                                               "server_error")))
+            finally:
+                await source.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody, cache_control: str | None = Header(None)):
+    async def completions(body: CompletionBody, http_request: HTTPRequest,
+                          cache_control: str | None = Header(None)):
         check_model(body.model)
         use_cache = _uses_cache(cache_control)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -228,8 +223,8 @@ def create_app(service: InferenceService, model_name: str | None = None):
             if len(requests) != 1:
                 raise APIError(400, "stream=true needs a single prompt string, got a list of "
                                     f"{len(requests)}", "prompt")
-            return streamed(requests[0], "completion", body, use_cache)
-        responses = await asyncio.gather(*(run(r, use_cache) for r in requests))
+            return await streamed(requests[0], "completion", body, use_cache, http_request)
+        responses = await run(requests, use_cache, http_request)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": served,
                 "choices": [{"index": i, "text": r.text, "logprobs": None,
@@ -239,15 +234,16 @@ def create_app(service: InferenceService, model_name: str | None = None):
                             "ttft_s": r.ttft_s} for r in responses]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody, cache_control: str | None = Header(None)):
+    async def chat_completions(body: ChatBody, http_request: HTTPRequest,
+                               cache_control: str | None = Header(None)):
         check_model(body.model)
         use_cache = _uses_cache(cache_control)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         request = body.request(messages=[m.model_dump() for m in body.messages])
         if body.stream:
-            return streamed(request, "chat", body, use_cache)
-        r = await run(request, use_cache)
+            return await streamed(request, "chat", body, use_cache, http_request)
+        [r] = await run([request], use_cache, http_request)
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
                 "created": int(time.time()), "model": served,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
@@ -263,7 +259,9 @@ def create_app(service: InferenceService, model_name: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served, "engine": service.engine.name}
+        state = await service.health()
+        return JSONResponse({**state, "model": served, "engine": service.engine.name},
+                            status_code=503 if state["status"] == "shutting down" else 200)
 
     @app.get("/metrics")
     async def metrics():
@@ -276,8 +274,13 @@ def create_app(service: InferenceService, model_name: str | None = None):
 def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0.1",
           port: int = 8000, cache: bool = True, *, redis_url: str | None = None,
           max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = MAX_WAIT_MS,
-          max_queue: int = MAX_QUEUE, log_level: str = "info", **engine_kwargs) -> None:
-    """Run the OpenAI-compatible server in the foreground until Ctrl-C (``labkit serve``).
+          max_queue: int = MAX_QUEUE, deadline_s: float | None = DEADLINE_S,
+          max_body_bytes: int = MAX_BODY_BYTES, drain_s: int = DRAIN_S,
+          log_level: str = "info", **engine_kwargs) -> None:
+    """Run the OpenAI-compatible server in the foreground until Ctrl-C or SIGTERM
+    (``labkit serve``); on either, requests in flight get ``drain_s`` seconds, then are
+    cancelled. ``deadline_s``: a request's generation stops this long after it arrived;
+    ``max_body_bytes``: larger request bodies get a 413.
 
     Binds ``127.0.0.1`` by default: pass ``host="0.0.0.0"`` only on a trusted network, the
     server has no authentication.
@@ -286,11 +289,12 @@ def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0
 
     service = build_service(engine, model, cache, redis_url=redis_url,
                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                            max_queue=max_queue, **engine_kwargs)
+                            max_queue=max_queue, deadline_s=deadline_s, **engine_kwargs)
     print(f"labkit serve: {model} on engine {service.engine.name}, cache "
           f"{'on' if cache else 'off'}; OpenAI base URL http://{host}:{port}/v1", flush=True)
     try:
-        uvicorn.run(create_app(service, model), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(service, model, max_body_bytes=max_body_bytes), host=host,
+                    port=port, log_level=log_level, timeout_graceful_shutdown=drain_s)
     finally:
         service.engine.close()
 
@@ -299,19 +303,22 @@ class BackgroundServer:
     """The server on a daemon thread of this process (notebooks, tests); ``stop()`` ends it.
 
     ``with BackgroundServer(service) as server: openai.OpenAI(base_url=server.url + "/v1")``.
-    The service is closed when the server stops; the engine is left to its owner.
+    The service is closed when the server stops (requests in flight get ``drain_s`` seconds,
+    then are cancelled); the engine is left to its owner.
     """
 
     def __init__(self, service: InferenceService, model_name: str | None = None,
                  host: str = "127.0.0.1", port: int | None = None,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", *, max_body_bytes: int = MAX_BODY_BYTES,
+                 drain_s: int = DRAIN_S) -> None:
         import uvicorn
 
         from labkit.serving.redis_server import free_port
 
         self.host, self.port = host, port or free_port()
-        config = uvicorn.Config(create_app(service, model_name), host=host, port=self.port,
-                                log_level=log_level, lifespan="on")
+        config = uvicorn.Config(create_app(service, model_name, max_body_bytes=max_body_bytes),
+                                host=host, port=self.port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=drain_s)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True,
                                         name=f"labkit-http-{self.port}")

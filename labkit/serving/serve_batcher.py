@@ -6,8 +6,10 @@ replica runs the same ``InferenceService`` as everywhere else and only the batch
 ``batch_wait_timeout_s = max_wait_ms / 1000``), and Serve calls one ``engine.generate(batch)``
 (in a worker thread) per batch it forms. Serve drops a caller that left before its batch ran.
 
-There is no ``max_queue`` here: Serve bounds a replica itself (``max_ongoing_requests``), and
-``serve.batch`` reads the replica's config when it first queues, so build it inside a replica.
+A caller that leaves cancels its request (``Request.cancel()``): an engine already running its
+batch stops generating it at the next step. There is no ``max_queue`` here: Serve bounds a
+replica itself (``max_ongoing_requests``), and ``serve.batch`` reads the replica's config when it
+first queues, so build it inside a replica.
 Ray is imported when a ``ServeBatcher`` is built, not when this module is.
 """
 
@@ -23,6 +25,7 @@ from labkit.serving.batchers import (
     BatcherClosed,
     DeltaCallback,
     batch_counters,
+    cancel_on_leave,
     check_knobs,
 )
 
@@ -71,7 +74,7 @@ class ServeBatcher:
         item = _Queued(request, on_delta)
         self._waiting += 1
         try:
-            return await self._batched(item)
+            return await cancel_on_leave(self._batched(item), request)
         finally:
             if not item.started:  # left (or failed) before Serve ran it
                 self._waiting -= 1

@@ -4,10 +4,12 @@ Every request takes the same path, whatever the engine and wherever the service 
 notebook, ``labkit serve``, a Ray Serve replica); only the ``Batcher`` differs. ``handle``::
 
     key = cache.key(request)       # once; None: no cache, use_cache=False, or not cacheable
+    if key is not None and (value := await cache.get(key)) is not None:
+        return the cached answer   # cache_hit=True: the engine never sees the request
+    engine.check(request)          # InvalidRequest: empty prompt, beyond the context (400)
+    request.deadline_s = arrival + deadline_s
     if key is None:
         completion = await batcher.submit(request, on_delta)
-    elif (value := await cache.get(key)) is not None:
-        return the cached answer   # cache_hit=True: the engine never sees the request
     else:                          # a miss; identical keys in flight share one generation:
         completion = await batcher.submit(request, on_delta)    # once per key in flight
         await cache.put(key, completion)
@@ -27,6 +29,11 @@ choice is made once, in the constructor (``choose_batcher``).
 - Each request runs once (the reference re-ran queued requests) and with its own parameters;
   identical greedy requests that arrive while the first is generating share its generation.
 - Overload is a clear ``Overloaded`` error at once, not an unbounded queue.
+- Work is bounded: ``engine.check`` (tokenizing, in a worker thread, so a huge prompt does not
+  stall the event loop) refuses what cannot fit the model's context, and a generation that
+  runs past ``deadline_s`` seconds from arrival is stopped by the engine (``DeadlineExceeded``).
+  A caller that leaves cancels its generation (unless identical requests still share it), and
+  ``aclose`` cancels what is still running after its ``timeout_s``, so shutdown is bounded.
 
 Streaming: ``async for event in service.stream(request)`` yields ``StreamEvent`` (text delta and
 its ``perf_counter`` time); the last event carries the full ``ServiceResponse``. A client that
@@ -43,9 +50,15 @@ import asyncio
 import dataclasses
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from labkit.engines.base import Completion, Engine, Request, now, truncate_at_stop
+from labkit.engines.base import (
+    ABORTED,
+    Completion,
+    Engine,
+    InvalidRequest,
+    Request,
+    now,
+)
 from labkit.metrics import stats
 from labkit.serving.batchers import (
     MAX_BATCH_SIZE,
@@ -59,63 +72,18 @@ from labkit.serving.batchers import (
     check_knobs,
 )
 from labkit.serving.cache import AsyncCache, completion_from_value
+from labkit.serving.flights import Flights
 from labkit.serving.gate import ContinuousGate
+from labkit.serving.responses import ServiceResponse, StreamEvent, safe_prefix
 
-__all__ = ["InferenceService", "ServiceResponse", "StreamEvent", "choose_batcher"]
+__all__ = ["DeadlineExceeded", "InferenceService", "choose_batcher"]
 
 LATENCY_WINDOW = 10_000  # latencies kept for metrics() percentiles (the most recent ones)
+DEADLINE_S = 120.0  # a request's generation is stopped this long after it arrived (s)
 
 
-@dataclass
-class ServiceResponse:
-    """What a caller gets back. ``completion`` carries the per-token timestamps.
-
-    ``completion.start_s`` is when the service received the request, so ``completion.ttft_s``
-    and ``completion.e2e_s`` are what this caller saw (queueing included). A cache hit has every
-    token stamped at the moment the cached answer was read: TTFT = E2E = lookup time.
-    """
-
-    request_id: str
-    text: str
-    completion: Completion
-    latency_s: float
-    cache_hit: bool
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.completion.ttft_s
-
-    @property
-    def token_times_s(self) -> list[float]:
-        return self.completion.token_times_s
-
-    @property
-    def finish_reason(self) -> str:
-        return self.completion.finish_reason
-
-
-@dataclass
-class StreamEvent:
-    """One piece of streamed text and when it was produced (perf_counter s); the last event of a
-    stream has ``text == ""`` and ``response`` set."""
-
-    text: str
-    t_s: float
-    response: ServiceResponse | None = None
-
-
-@dataclass
-class _Flight:
-    """One generation shared by identical cacheable requests (see ``InferenceService._shared``)."""
-
-    task: asyncio.Future | None = None
-    text: str = ""
-    listeners: list = dataclasses.field(default_factory=list)
-
-    def deliver(self, delta: str, t_s: float) -> None:
-        self.text += delta
-        for listener in list(self.listeners):
-            listener(delta, t_s)
+class DeadlineExceeded(TimeoutError):
+    """The request's generation ran past the service's ``deadline_s`` and was stopped."""
 
 
 def choose_batcher(engine: Engine, *, max_batch_size: int = MAX_BATCH_SIZE,
@@ -139,14 +107,20 @@ class InferenceService:
     ``cache``: an ``AsyncCache`` (``labkit.serving.cache.AsyncResponseCache``) or None.
     ``batcher``: any ``Batcher``; by default ``choose_batcher(engine, ...)`` builds one from
     ``max_batch_size`` (requests), ``max_wait_ms``, ``max_queue`` and ``batching``, which are
-    ignored when a batcher is given.
+    ignored when a batcher is given. ``deadline_s``: seconds from arrival after which a
+    request's generation is stopped (None: no deadline).
     """
 
     def __init__(self, engine: Engine, cache: AsyncCache | None = None, *,
                  batcher: Batcher | None = None, model_name: str | None = None,
                  max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = MAX_WAIT_MS,
-                 max_queue: int = MAX_QUEUE, batching: bool = True) -> None:
+                 max_queue: int = MAX_QUEUE, batching: bool = True,
+                 deadline_s: float | None = DEADLINE_S) -> None:
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be None (no deadline) or > 0 seconds, "
+                             f"got {deadline_s!r}")
         self.engine = engine
+        self.deadline_s = deadline_s
         self.cache = cache
         self.model_name = model_name or engine.model_name
         self.batcher = batcher or choose_batcher(engine, max_batch_size=max_batch_size,
@@ -154,9 +128,10 @@ class InferenceService:
                                                  batching=batching)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._flights: dict[str, _Flight] = {}
+        self._flights = Flights(self.batcher.submit, self._store)
         self.counts = {"requests": 0, "completed": 0, "cache_hits": 0, "cache_misses": 0,
-                       "coalesced": 0, "not_cached": 0, "rejected": 0, "cancelled": 0, "errors": 0}
+                       "coalesced": 0, "not_cached": 0, "rejected": 0, "invalid": 0,
+                       "deadline_exceeded": 0, "cancelled": 0, "errors": 0}
         self._latency_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._ttft_s: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
@@ -167,8 +142,9 @@ class InferenceService:
 
         ``use_cache=False`` (HTTP: a ``Cache-Control: no-cache`` request header) sends the request
         to the engine even if it is cacheable: no lookup, no sharing, no store; a load test that
-        wants to measure the model sets it. Raises ``Overloaded`` when the queue is full and
-        ``BatcherClosed`` after ``aclose()``.
+        wants to measure the model sets it. Raises ``InvalidRequest`` (empty prompt, beyond the
+        model's context), ``Overloaded`` when the queue is full, ``DeadlineExceeded`` when the
+        generation ran past ``deadline_s``, and ``BatcherClosed`` after ``aclose()``.
         """
         t0 = now()
         self._bind_loop()
@@ -177,15 +153,18 @@ class InferenceService:
         self.counts["requests"] += 1
         try:
             key = self.cache.key(request) if use_cache and self.cache is not None else None
-            if key is None:
-                self.counts["not_cached"] += 1
-                completion = await self.batcher.submit(request, on_delta)
-            elif (value := await self.cache.get(key)) is not None:
+            if key is not None and (value := await self.cache.get(key)) is not None:
                 self.counts["cache_hits"] += 1
                 return self._done(self._hit(request, value, t0, on_delta))
+            self.counts["not_cached" if key is None else "cache_misses"] += 1
+            request = await self._admit(request, t0)
+            if key is None:
+                completion = await self.batcher.submit(request, on_delta)
             else:
-                self.counts["cache_misses"] += 1
-                completion = await self._shared(key, request, on_delta)
+                if key in self._flights:
+                    self.counts["coalesced"] += 1
+                completion = await self._flights.share(key, request, on_delta)
+            self._check_finished(request, completion, t0)
             end = now()
             # A request that joined an identical generation already under way gets the tokens
             # made before it arrived at its own arrival: its TTFT is never negative.
@@ -196,6 +175,12 @@ class InferenceService:
                                               end - t0, cache_hit=False))
         except Overloaded:
             self.counts["rejected"] += 1
+            raise
+        except InvalidRequest:
+            self.counts["invalid"] += 1
+            raise
+        except DeadlineExceeded:
+            self.counts["deadline_exceeded"] += 1
             raise
         except asyncio.CancelledError:
             self.counts["cancelled"] += 1
@@ -220,37 +205,30 @@ class InferenceService:
         return ServiceResponse(request.request_id, completion.text, completion,
                                completion.end_s - t0, cache_hit=True)
 
-    async def _shared(self, key: str, request: Request,
-                      on_delta: DeltaCallback | None) -> Completion:
-        """Generate a keyed request once, however many identical ones arrive meanwhile.
+    async def _admit(self, request: Request, t0: float) -> Request:
+        """``request`` checked by the engine (``InvalidRequest``; tokenizing runs in a worker
+        thread) and given its deadline, ``deadline_s`` after its arrival at ``t0``."""
+        await asyncio.to_thread(self.engine.check, request)
+        if self.deadline_s is None or request.deadline_s is not None:
+            return request
+        return dataclasses.replace(request, deadline_s=t0 + self.deadline_s)
 
-        Identical requests (same key) that miss the cache while the first is still generating
-        join it (``coalesced``) instead of generating again, and get its deltas from the start.
-        The generation and the cache store run in their own task: a caller that leaves does not
-        cancel them for the others.
-        """
-        flight = self._flights.get(key)
-        if flight is None:
-            flight = _Flight()
-            flight.task = asyncio.ensure_future(self._generate_and_store(key, request, flight))
-            flight.task.add_done_callback(lambda _t: self._flights.pop(key, None))
-            self._flights[key] = flight
-        else:
-            self.counts["coalesced"] += 1
-        if on_delta is not None:
-            if flight.text:
-                on_delta(flight.text, now())
-            flight.listeners.append(on_delta)
-        try:
-            return await asyncio.shield(flight.task)
-        finally:
-            if on_delta is not None and on_delta in flight.listeners:
-                flight.listeners.remove(on_delta)
+    def _check_finished(self, request: Request, completion: Completion, t0: float) -> None:
+        """Raise for a generation the engine aborted (``t0``: the request's arrival):
+        ``BatcherClosed`` when a shutdown cancelled it, else ``DeadlineExceeded`` (a caller
+        that left is not waiting here any more, so its deadline stopped it)."""
+        if completion.finish_reason != ABORTED:
+            return
+        if self._closed:
+            raise BatcherClosed("the service shut down before this request finished")
+        raise DeadlineExceeded(
+            f"the generation was stopped at its deadline, {now() - t0:.1f} s after the request "
+            f"arrived, after {completion.output_tokens} of max_tokens {request.max_tokens} "
+            "tokens; ask for fewer tokens or send a shorter prompt")
 
-    async def _generate_and_store(self, key: str, request: Request, flight: _Flight) -> Completion:
-        completion = await self.batcher.submit(request, flight.deliver)
+    async def _store(self, key: str, completion: Completion) -> None:
+        """Put a finished generation in the cache (a flight does this once per key)."""
         await self.cache.put(key, completion)
-        return completion
 
     def _done(self, response: ServiceResponse) -> ServiceResponse:
         self.counts["completed"] += 1
@@ -276,7 +254,7 @@ class InferenceService:
         try:
             while (item := await queue.get()) is not None:
                 seen += item[0]
-                safe = _safe_prefix(seen, request.stop)
+                safe = safe_prefix(seen, request.stop)
                 if len(safe) > len(sent):
                     yield StreamEvent(safe[len(sent):], item[1])
                     sent = safe
@@ -295,18 +273,30 @@ class InferenceService:
         return self.batcher.queue_depth
 
     def metrics(self) -> dict:
-        """Counters, cache hit ratio, queue depth, the batcher's counters (``batching``) and
-        latency percentiles (s)."""
+        """Counters, cache hit ratio, the cache's state and its backend errors and outages,
+        queue depth, the batcher's counters (``batching``) and latency percentiles (s)."""
         looked = self.counts["cache_hits"] + self.counts["cache_misses"]
+        cache = self.cache
         return {"model": self.model_name, "engine": self.engine.name, **self.counts,
-                "cache_enabled": self.cache is not None,
+                "cache_enabled": cache is not None,
                 "cache_hit_ratio": self.counts["cache_hits"] / looked if looked else None,
+                "cache_state": cache.state if cache is not None else "off",
+                "cache_errors": cache.counters.errors if cache is not None else 0,
+                "cache_outages": cache.counters.outages if cache is not None else 0,
                 "queue_depth": self.queue_depth, "batching": self.batcher.counters(),
                 "latency_s": stats(self._latency_s), "ttft_s": stats(self._ttft_s)}
 
+    async def health(self) -> dict:
+        """``status``: ``"ok"``, ``"degraded"`` (the cache is down: every request is generated)
+        or ``"shutting down"``; ``cache``: ``"ok"``, ``"off"`` or ``"degraded: reason"``."""
+        cache = await self.cache.probe() if self.cache is not None else "off"
+        status = "shutting down" if self._closed else \
+            "ok" if cache in ("ok", "off") else "degraded"
+        return {"status": status, "cache": cache}
+
     async def aclose(self, timeout_s: float = 30.0) -> None:
-        """Stop accepting requests, let running work finish (up to ``timeout_s``), close the
-        cache client. Waiting requests fail with ``BatcherClosed``."""
+        """Stop accepting requests, let running work finish (up to ``timeout_s``, then cancel
+        it), close the cache client. Waiting requests fail with ``BatcherClosed``."""
         self._closed = True
         await self.batcher.aclose(timeout_s)
         if self.cache is not None:
@@ -326,15 +316,3 @@ class InferenceService:
             raise RuntimeError("this InferenceService is bound to another event loop; create "
                                "one service per event loop (e.g. inside the server or the cell "
                                "that awaits it)")
-
-
-def _safe_prefix(text: str, stop: list[str] | None) -> str:
-    """The part of ``text`` that can be sent: cut at a stop string, minus a tail that is the
-    start of one (it may still complete into a stop string)."""
-    if not stop:
-        return text
-    text, found = truncate_at_stop(text, stop)
-    if found:
-        return text
-    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold]
