@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -225,3 +226,54 @@ def test_no_cache_header_skips_the_response_cache(server):
                        headers={"Cache-Control": "no-cache"}).json()
     assert cached["labkit"]["cache_hit"] and not fresh["labkit"]["cache_hit"]
     assert fresh["choices"][0]["message"] == cached["choices"][0]["message"]
+
+
+@pytest.mark.slow
+def test_bad_requests_and_a_500_leave_the_keep_alive_connection_usable():
+    """Over one HTTP/1.1 connection: each bad request gets its OpenAI error and the next
+    request on the same socket is answered (a 500 used to reset it)."""
+    import http.client
+
+    from test_faults import BAD, FailingEngine, completion
+
+    engine = FailingEngine(step_s=0.001, max_model_len=64)
+    service = InferenceService(engine, model_name=completion()["model"], max_wait_ms=0)
+    good = json.dumps(completion())
+    with BackgroundServer(service, max_body_bytes=4096) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        conn.connect()
+        sock = conn.sock
+        for what, method, path, body, status, _param, _text in BAD:
+            if status == 413:
+                continue  # a 413 closes the connection on purpose: its body was not read
+            payload = body if isinstance(body, bytes) or body is None else json.dumps(body)
+            conn.request(method, path, body=payload, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == status and "error" in json.loads(r.read()), what
+            conn.request("POST", "/v1/completions", body=good,
+                         headers={"content-type": "application/json"})
+            after = conn.getresponse()
+            assert after.status == 200 and json.loads(after.read())["choices"][0]["text"] == \
+                "a b c", what
+            assert conn.sock is sock, f"{what}: the server closed the connection"
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_client_that_hangs_up_without_streaming_frees_its_slot():
+    """A non-streamed request whose client gives up (timeout) is cancelled in the engine: the
+    one slot of a continuous engine is free again at once, not after the 4 s generation."""
+    words = " ".join(f"w{i}" for i in range(200))
+    engine = FakeEngine(reply="{prompt} " + words, step_s=0.02, continuous=True, model=MODEL)
+    service = InferenceService(engine, model_name=MODEL, max_batch_size=1)
+    with BackgroundServer(service) as srv:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+                       json={"model": MODEL, "prompt": "long", "max_tokens": 200})
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": "short", "max_tokens": 1})
+        took = time.perf_counter() - t0
+        m = httpx.get(srv.url + "/metrics").json()
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "short"
+    assert took < 1.5 and len(engine.aborted) == 1 and m["cancelled"] == 1

@@ -160,3 +160,47 @@ def test_server_started_from_short_lived_thread_survives_it():
         assert server.running and get_client(server.url).ping()
     finally:
         server.stop()
+
+
+def test_a_restartable_server_comes_back_on_its_port_after_kill_9(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="labkit.serving.redis_server"):
+        with EmbeddedRedis(restart=True) as server:
+            client = get_client(server.url)
+            client.set("k", "v")
+            first, port = server.pid, server.port
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while server.restarts == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert server.restarts == 1, "not restarted within 5 s"
+            assert server.running and server.pid != first and server.port == port
+            assert client.ping() and client.get("k") is None  # back, empty: a cache
+            pid = server.pid
+        client.close()
+    assert wait_gone(pid, 2.0), "stop() must not be mistaken for a crash and restarted"
+    text = caplog.text
+    assert "exited with code -9; restarting it" in text and f"back on port {port}" in text
+
+
+CLEANUP = """
+import os, sys, time
+from labkit.serving import redis_server
+server = redis_server.default_server()
+print(server.pid, server._dir, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_stop_the_server_and_remove_its_folder(sig):
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    proc = subprocess.Popen([sys.executable, "-c", CLEANUP], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1])
+    pid, folder = proc.stdout.readline().split()
+    assert Path(folder).is_dir()
+    proc.send_signal(sig)
+    assert proc.wait(10) != 0
+    assert wait_gone(int(pid), 3.0) and not Path(folder).exists()

@@ -7,7 +7,10 @@ model, ``kv_reuse_ttft``).
 Workloads. ``zipf_workload`` draws prompts with Zipf popularity and a set share of repeats
 (``repeat_fraction``); ``simulate_hit_ratio`` replays such a stream through an LRU of a given
 capacity without an engine. ``run_cache_bench`` times the two paths for real and writes the bench
-JSON (runs ``"miss"``, ``"hit"``, ``"workload"``), one ``PathTiming`` per request.
+JSON (runs ``"miss"``, ``"hit"``, ``"workload"``), one ``PathTiming`` per request. Before any
+work it checks that the cache's Redis answers (a wrong ``REDIS_URL`` port or password is a
+one-line error, not a traceback after the run); if Redis fails during the run, lookups fail open
+(misses) and the JSON is still written, with ``degraded`` saying why.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from labkit.config import SEED
 from labkit.engines.base import Request
 from labkit.serving.cache import ResponseCache
-from labkit.serving.cache_backends import LRUBackend
+from labkit.serving.cache_backends import LRUBackend, backend_errors
 from labkit.serving.keys import namespace
 
 # -- workloads -------------------------------------------------------------------------------
@@ -174,8 +177,10 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
     and closed at the end). Requests are greedy chat requests (one user message), one at a
     time. Returns the bench JSON document (``labkit.metrics``) with runs ``"miss"`` and ``"hit"``
     (latency of each path, seconds) and ``"workload"`` (all requests, with ``hit_ratio``,
-    ``repeat_fraction``, ``tokens_saved``).
-    The cache namespace is private to this run and cleared afterwards.
+    ``repeat_fraction``, ``tokens_saved``), plus ``cache_errors`` (backend calls that failed)
+    and ``degraded`` (None, or why the cache did not work throughout).
+    The cache namespace is private to this run and cleared afterwards. Raises RuntimeError
+    before any work when the Redis backend cannot be reached or refuses the password.
     """
     import uuid
 
@@ -183,14 +188,16 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
 
     from labkit.metrics import bench_document, summarize
 
+    ns = f"{namespace(model)}-bench-{uuid.uuid4().hex[:8]}"
+    cache = ResponseCache(model, backend, url=url, ns=ns)
+    _preflight(cache, backend, url)
     own = isinstance(engine, str)
     if own:
         from labkit.engines import get_engine
 
         engine = get_engine(engine, model=model)
-    ns = f"{namespace(model)}-bench-{uuid.uuid4().hex[:8]}"
-    cache = ResponseCache(model, backend, url=url, ns=ns)
     stream = zipf_workload(num_requests, repeat_fraction, seed=seed)
+    not_cleared = None
     timings: list[PathTiming] = []
     try:
         engine.warmup()
@@ -212,7 +219,10 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
                                       done.output_tokens, done.tpot_s, done.itl_s))
         duration = time.perf_counter() - t_run
     finally:
-        cache.clear()
+        try:
+            cache.clear()
+        except backend_errors() as exc:  # Redis went away during the run: keep the results
+            not_cleared = f"this run's entries were not cleared ({type(exc).__name__}: {exc})"
         if own:
             engine.close()
     hits = [r for r in timings if r.hit]
@@ -225,5 +235,26 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
                           hit_ratio=len(hits) / len(timings), repeat_fraction=repeat_fraction,
                           tokens_saved=sum(r.output_tokens for r in hits),
                           unique_prompts=len(set(stream)), max_tokens=max_tokens))
+    errors = cache.counters.errors
+    degraded = not_cleared or (cache.state if cache.state != "ok" else None) or (
+        f"{errors} cache backend calls failed during the run (answered as misses)"
+        if errors else None)
     return bench_document("cache", runs, engine=getattr(engine, "name", type(engine).__name__),
-                          model=model, backend=backend, seed=seed)
+                          model=model, seed=seed, cache_errors=errors,
+                          backend=backend if isinstance(backend, str) else type(backend).__name__,
+                          degraded=degraded)
+
+
+def _preflight(cache: ResponseCache, backend: str, url: str | None) -> None:
+    """A one-line RuntimeError, before any work, when the cache's Redis cannot be used."""
+    if backend != "redis":
+        return
+    from labkit.serving.redis_server import redact, redis_url
+
+    try:
+        cache.ping()
+    except backend_errors() as exc:
+        raise RuntimeError(
+            f"cannot use the Redis cache at {redact(redis_url(url))} ({type(exc).__name__}: "
+            f"{exc}); check REDIS_URL's host, port and password, or unset it to use the "
+            "embedded server") from None

@@ -9,6 +9,8 @@ The interface (``AsyncCache``, what ``InferenceService`` uses)::
     key = cache.key(request)           # str, or None: not cacheable (computed once per request)
     value = await cache.get(key)       # the stored value dict, or None (a miss)
     stored = await cache.put(key, completion)   # False when the backend is down
+    state = await cache.probe()        # "ok" or "degraded: reason" (GET /health)
+    cache.counters                     # hits, misses, errors, outages, ... (GET /metrics)
     await cache.aclose()
 
 ``ResponseCache`` (sync) and ``AsyncResponseCache`` (the same with ``async def`` methods, on
@@ -19,12 +21,15 @@ reason), never pickle. Requests with ``temperature > 0`` have no key unless
 "random" answer.
 
 Fail open. If Redis goes away, a lookup is a miss and a store is skipped; one warning per outage
-(not per call); after ``retry_after_s`` the next call tries Redis again, so the cache comes back
-on its own when the server does.
+(not per call) and one line when it is back; after ``retry_after_s`` the next call tries Redis
+again, so the cache comes back on its own when the server does (the embedded server is
+restarted by ``labkit.serving.redis_server``; a ``$REDIS_URL`` server by whoever runs it).
+``cache.state`` says which it is now: ``"ok"`` or ``"degraded: <the error>"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -51,6 +56,13 @@ class AsyncCache(Protocol):
 
     async def put(self, key: str, completion: Completion | dict) -> bool:
         """Store a completion under ``key``; True when it was stored."""
+
+    async def probe(self) -> str:
+        """``"ok"`` or ``"degraded: reason"``; while degraded, retries the backend."""
+
+    @property
+    def counters(self) -> CacheCounters:
+        """Hits, misses, backend errors and outages."""
 
     async def aclose(self) -> None:
         """Release the backend's connections."""
@@ -108,6 +120,7 @@ class _CacheCore:
         self.retry_after_s = retry_after_s
         self.counters = CacheCounters()
         self._down_since: float | None = None
+        self._reason = ""  # the error of the current outage
         self._last_try = 0.0
         self.backend = make_backend(backend, url, capacity, asynchronous=self.asynchronous)
 
@@ -128,14 +141,19 @@ class _CacheCore:
         return self._down_since is not None and time.monotonic() - self._last_try < \
             self.retry_after_s
 
+    @property
+    def state(self) -> str:
+        """``"ok"``, or ``"degraded: <error>"`` during an outage (lookups answered as misses)."""
+        return "ok" if self._down_since is None else f"degraded: {self._reason}"
+
     def _failed(self, exc: Exception) -> None:
         self.counters.errors += 1
         self._last_try = time.monotonic()
         if self._down_since is None:
             self._down_since = self._last_try
             self.counters.outages += 1
-            msg = (f"cache backend unreachable or failing ({type(exc).__name__}: {exc}); "
-                   "serving misses")
+            self._reason = f"cache backend unreachable ({type(exc).__name__}: {exc})"
+            msg = f"{self._reason}; serving misses"
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
@@ -183,6 +201,11 @@ class ResponseCache(_CacheCore):
     entries) or a backend object. ``ttl_s``: seconds an entry lives (None: forever).
     """
 
+    def _reset(self) -> None:
+        """Drop the backend's connections after a failure; a failure to do so changes nothing."""
+        with contextlib.suppress(*backend_errors()):
+            self.backend.reset()
+
     def get(self, key: str) -> dict | None:
         """The cached value, or None (miss, or backend down: fail open)."""
         t0 = time.perf_counter()
@@ -193,6 +216,7 @@ class ResponseCache(_CacheCore):
                 self._ok()
             except backend_errors() as exc:
                 self._failed(exc)
+                self._reset()
         return self._tally(raw, t0)
 
     def put(self, key: str, completion: Completion | dict) -> bool:
@@ -205,11 +229,17 @@ class ResponseCache(_CacheCore):
             return True
         except backend_errors() as exc:
             self._failed(exc)
+            self._reset()
             return False
 
     def clear(self) -> int:
         """Delete this namespace's entries (other models' entries stay); returns how many."""
         return self.backend.clear(self.prefix)
+
+    def ping(self) -> None:
+        """Raise the backend's error (``backend_errors()``) if it cannot be reached now: a
+        preflight, unlike ``get``/``put``, which fail open."""
+        self.backend.ping()
 
 
 class AsyncResponseCache(_CacheCore):
@@ -222,6 +252,11 @@ class AsyncResponseCache(_CacheCore):
         out = fn(*args)
         return await out if inspect.isawaitable(out) else out  # the LRU backend is sync
 
+    async def _reset(self) -> None:
+        """Drop the backend's connections after a failure; a failure to do so changes nothing."""
+        with contextlib.suppress(*backend_errors()):
+            await self._call(self.backend.reset)
+
     async def get(self, key: str) -> dict | None:
         """The cached value, or None (miss, or backend down: fail open)."""
         t0 = time.perf_counter()
@@ -232,6 +267,7 @@ class AsyncResponseCache(_CacheCore):
                 self._ok()
             except backend_errors() as exc:
                 self._failed(exc)
+                await self._reset()
         return self._tally(raw, t0)
 
     async def put(self, key: str, completion: Completion | dict) -> bool:
@@ -244,11 +280,24 @@ class AsyncResponseCache(_CacheCore):
             return True
         except backend_errors() as exc:
             self._failed(exc)
+            await self._reset()
             return False
 
     async def clear(self) -> int:
         """Delete this namespace's entries; returns how many."""
         return await self._call(self.backend.clear, self.prefix)
+
+    async def probe(self) -> str:
+        """``state``, after one PING when the backend is down and ``retry_after_s`` has passed
+        (so an idle server notices that Redis came back)."""
+        if self._down_since is not None and not self._skip_backend():
+            try:
+                await self._call(self.backend.ping)
+                self._ok()
+            except backend_errors() as exc:
+                self._failed(exc)
+                await self._reset()
+        return self.state
 
     async def aclose(self) -> None:
         """Close the backend's connections."""

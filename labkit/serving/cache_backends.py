@@ -2,7 +2,9 @@
 
 Every backend stores strings (the cache's JSON values) under string keys and answers
 ``get(key) -> str | None``, ``set(key, value, ttl_s)``, ``clear(prefix) -> int`` (entries
-deleted) and ``close()``; the asyncio Redis backend's methods are coroutines. ``make_backend``
+deleted), ``ping()`` (raises when the store cannot be reached), ``reset()`` (drop connections
+that may be stale after a failure) and ``close()``; the asyncio Redis backend's methods are
+coroutines. ``make_backend``
 builds one from a name in ``BACKENDS``. ``backend_errors()`` are the failures the cache answers
 as a miss (fail open) instead of failing the request.
 """
@@ -52,6 +54,12 @@ class LRUBackend:
             del self._data[k]
         return len(doomed)
 
+    def ping(self) -> None:
+        """Always reachable: the entries are in this process."""
+
+    def reset(self) -> None:
+        """No connections to drop."""
+
     def close(self) -> None:
         """Nothing to release: the entries live as long as this object."""
 
@@ -60,12 +68,17 @@ class LRUBackend:
 
 
 class RedisBackend:
-    """Strings in Redis: ``SET key json PX ttl``; ``clear`` SCANs and deletes one namespace."""
+    """Strings in Redis: ``SET key json PX ttl``; ``clear`` SCANs and deletes one namespace.
+
+    The client does not retry a failed command: the cache answers it as a miss at once and
+    counts it, so even a Redis that is back a moment later (a restarted embedded server, with
+    none of its entries) shows as an outage in the cache's counters and state.
+    """
 
     def __init__(self, url: str | None = None, client=None) -> None:
         from labkit.serving.redis_server import get_client
 
-        self.client = client or get_client(url)
+        self.client = client or get_client(url, retries=0)
 
     def get(self, key: str) -> str | None:
         value = self.client.get(key)
@@ -78,6 +91,15 @@ class RedisBackend:
         keys = list(self.client.scan_iter(match=prefix + "*", count=1000))
         return self.client.delete(*keys) if keys else 0
 
+    def ping(self) -> None:
+        """PING the server; raises its error (connection refused, wrong password, ...)."""
+        self.client.ping()
+
+    def reset(self) -> None:
+        """Close every pooled connection: after a failure (a restarted server) they are stale,
+        and each would otherwise fail once more when next used."""
+        self.client.connection_pool.disconnect()
+
     def close(self) -> None:
         """Close the client's connections."""
         self.client.close()
@@ -89,7 +111,7 @@ class AsyncRedisBackend(RedisBackend):
     def __init__(self, url: str | None = None, client=None) -> None:
         from labkit.serving.redis_server import get_client
 
-        self.client = client or get_client(url, asyncio=True)
+        self.client = client or get_client(url, asyncio=True, retries=0)
 
     async def get(self, key: str) -> str | None:
         value = await self.client.get(key)
@@ -101,6 +123,14 @@ class AsyncRedisBackend(RedisBackend):
     async def clear(self, prefix: str) -> int:
         keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
         return await self.client.delete(*keys) if keys else 0
+
+    async def ping(self) -> None:
+        """PING the server; raises its error (connection refused, wrong password, ...)."""
+        await self.client.ping()
+
+    async def reset(self) -> None:
+        """Close every pooled connection (see ``RedisBackend.reset``)."""
+        await self.client.connection_pool.disconnect()
 
     async def close(self) -> None:
         """Close the client's connections."""

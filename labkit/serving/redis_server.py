@@ -10,20 +10,30 @@ server started on first use. The embedded server is the ``redis-server`` 6.2 bin
 - the parent killed outright (SIGKILL of the kernel, nbval's timeout): on Linux the server was
   started with ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, so the kernel sends it SIGTERM when we die;
   elsewhere a tiny watchdog process waits on a pipe from us and kills the server at EOF;
-- it runs in its own process group (a Ctrl-C in a terminal does not race our orderly stop).
+- it runs in its own process group (a Ctrl-C in a terminal does not race our orderly stop);
+- SIGTERM (``kill``, a uvicorn shutdown, which re-raises the signal it caught) would end us
+  without ``atexit``: the first server started from the main thread installs a SIGTERM handler
+  (where none was set) that stops every server and removes its folder, then dies of the signal
+  as before. Ctrl-C (SIGINT) unwinds through ``atexit`` on its own.
+
+A server started with ``restart=True`` (the process-wide one of ``default_server`` is) is
+watched: if it dies (a crash, ``kill -9``), a warning is logged and it is started again on the
+same port, with a line when it is back; clients reconnect on their next command, so a cache in
+front of it fails open for the moment of the outage and then serves hits again (empty at first:
+nothing is persisted).
 
 PDEATHSIG fires when the *thread* that forked the child ends, so every server is spawned from one
-long-lived keeper thread, never from a short-lived worker thread (asyncio.to_thread, a pool).
+long-lived keeper thread (``labkit.serving.tether`` holds these mechanics).
 No data is persisted: the server has no RDB/AOF files; it is a cache.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import importlib.util
+import logging
 import os
-import queue
+import re
 import shutil
 import signal
 import socket
@@ -34,7 +44,10 @@ import threading
 import time
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from labkit.serving.tether import WATCHDOG, die_with_parent, keeper, sweep_stale_dirs
+
+RESTART_BACKOFF_S = (0.05, 5.0)  # first and longest wait between attempts to restart (s)
+log = logging.getLogger(__name__)
 
 
 def redis_server_binary() -> Path:
@@ -58,63 +71,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """preexec_fn (runs in the child before exec): SIGTERM me when my parent dies (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _sweep_stale_dirs() -> None:
-    """Remove the folders of servers whose owner was killed (no atexit ran to remove them)."""
-    for folder in Path(tempfile.gettempdir()).glob("labkit-redis-*"):
-        try:
-            os.kill(int((folder / "owner.pid").read_text()), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (OSError, ValueError):  # no owner file yet, or not ours to judge
-            continue
-
-
-class _Keeper:
-    """One daemon thread that lives as long as the process and runs every Popen (see module doc)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, *args, **kwargs) -> subprocess.Popen:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="labkit-redis-keeper",
-                                                daemon=True)
-                self._thread.start()
-        done: queue.Queue = queue.Queue(maxsize=1)
-        self._jobs.put((args, kwargs, done))
-        ok, result = done.get()
-        if not ok:
-            raise result
-        return result
-
-    def _run(self) -> None:
-        while True:
-            args, kwargs, done = self._jobs.get()
-            try:
-                done.put((True, subprocess.Popen(*args, **kwargs)))
-            except BaseException as exc:  # handed back to the caller's thread
-                done.put((False, exc))
-
-
-_keeper = _Keeper()
-
-_WATCHDOG = ("import os,signal,sys\n"
-             "sys.stdin.buffer.read()\n"  # returns at EOF: our parent (the labkit process) died
-             "try: os.killpg(int(sys.argv[1]), signal.SIGTERM)\n"
-             "except ProcessLookupError: pass\n")
-
-
 class EmbeddedRedis:
     """A private redis-server on 127.0.0.1 (random free port) or a unix socket; a context manager.
 
@@ -124,22 +80,38 @@ class EmbeddedRedis:
 
     def __init__(self, port: int | None = None, *, unix_socket: bool = False,
                  password: str | None = None, maxmemory_mb: int | None = None,
-                 startup_timeout_s: float = 10.0) -> None:
+                 startup_timeout_s: float = 10.0, restart: bool = False) -> None:
         self.port = port
         self.unix_socket = unix_socket
         self.password = password
         self.maxmemory_mb = maxmemory_mb
         self.startup_timeout_s = startup_timeout_s
+        self.restart = restart  # start it again when it dies (see module doc)
+        self.restarts = 0  # times it was restarted after dying
         self._proc: subprocess.Popen | None = None
         self._watchdog: subprocess.Popen | None = None
         self._dir: str | None = None
+        self._wanted = False  # between start() and stop(): a death is an accident
+        self._lock = threading.RLock()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> EmbeddedRedis:
         """Start the server and wait until it answers PING (raises RuntimeError if it does not)."""
-        if self.running:
-            return self
-        _sweep_stale_dirs()
+        with self._lock:
+            if self.running:
+                return self
+            _cleanup_on_sigterm()
+            self._wanted = True
+            try:
+                self._launch()
+            except BaseException:
+                self._wanted = False
+                raise
+        return self
+
+    def _launch(self) -> None:
+        """Start the redis-server process (and its watcher when ``restart``); wait for PING."""
+        sweep_stale_dirs("labkit-redis-*")
         self._dir = tempfile.mkdtemp(prefix="labkit-redis-")
         Path(self._dir, "owner.pid").write_text(str(os.getpid()))
         if not self.unix_socket and self.port is None:
@@ -148,17 +120,44 @@ class EmbeddedRedis:
         conf.write_text(self._config())
         linux = sys.platform.startswith("linux")
         parent = os.getpid()
-        self._proc = _keeper.popen(
+        self._proc = keeper.popen(
             [str(redis_server_binary()), str(conf)], cwd=self._dir,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=(lambda: _die_with_parent(parent)) if linux else None)
+            preexec_fn=(lambda: die_with_parent(parent)) if linux else None)
         if not linux:
-            self._watchdog = _keeper.popen([sys.executable, "-c", _WATCHDOG, str(self._proc.pid)],
-                                           stdin=subprocess.PIPE, start_new_session=True)
+            self._watchdog = keeper.popen([sys.executable, "-c", WATCHDOG, str(self._proc.pid)],
+                                          stdin=subprocess.PIPE, start_new_session=True)
         _live.add(self)
         self._wait_ready()
-        return self
+        if self.restart:
+            threading.Thread(target=self._watch, args=(self._proc,), daemon=True,
+                             name=f"labkit-redis-watch-{self.port}").start()
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Wait for ``proc`` to exit; unless stopped on purpose, start the server again on the
+        same port (retrying with a growing wait), logging the outage and the recovery."""
+        code = proc.wait()
+        delay = RESTART_BACKOFF_S[0]
+        while True:
+            with self._lock:
+                if not self._wanted or self._proc not in (proc, None):
+                    return  # stopped on purpose, or already replaced
+                if self._proc is proc:
+                    log.warning("embedded Redis (pid %d, port %s) exited with code %s; "
+                                "restarting it", proc.pid, self.port, code)
+                    self._halt()
+                try:
+                    self._launch()
+                except (RuntimeError, OSError) as exc:
+                    log.warning("embedded Redis did not restart (%s); next try in %.2f s", exc,
+                                delay)
+                else:
+                    self.restarts += 1
+                    log.warning("embedded Redis is back on port %s (pid %d)", self.port, self.pid)
+                    return
+            time.sleep(delay)
+            delay = min(2 * delay, RESTART_BACKOFF_S[1])
 
     def _config(self) -> str:
         lines = [f"dir {self._dir}", 'save ""', "appendonly no", "daemonize no",
@@ -181,9 +180,9 @@ class EmbeddedRedis:
         try:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
-                    code, log = self._proc.returncode, Path(self._dir, "redis.log")
-                    tail = log.read_text()[-500:] if log.exists() else ""
-                    self.stop()
+                    code, logfile = self._proc.returncode, Path(self._dir, "redis.log")
+                    tail = logfile.read_text()[-500:] if logfile.exists() else ""
+                    self._halt()
                     raise RuntimeError(f"redis-server exited with {code}: {tail}")
                 try:
                     if client.ping():
@@ -192,11 +191,17 @@ class EmbeddedRedis:
                     time.sleep(0.02)
         finally:
             client.close()
-        self.stop()
+        self._halt()
         raise RuntimeError(f"redis-server did not answer within {self.startup_timeout_s} s")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``) and remove its files."""
+        with self._lock:
+            self._wanted = False
+            self._halt(timeout_s)
+
+    def _halt(self, timeout_s: float = 5.0) -> None:
+        """End the process (if it still runs), its watchdog, and remove its folder."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -259,12 +264,33 @@ def _stop_all() -> None:
 
 
 def default_server() -> EmbeddedRedis:
-    """The process-wide embedded server, started on first call."""
+    """The process-wide embedded server, started on first call and restarted when it dies
+    (``restart=True``): its URL stays the same for the life of the process."""
     global _default
     with _default_lock:
-        if _default is None or not _default.running:
-            _default = EmbeddedRedis().start()
+        if _default is None:
+            _default = EmbeddedRedis(restart=True).start()
         return _default
+
+
+def _cleanup_on_sigterm() -> None:
+    """From the main thread, where SIGTERM has no handler yet: on SIGTERM, stop every server
+    (removing its folder), then die of the signal as the default handler would."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop_then_die(signum: int, _frame) -> None:
+        _stop_all()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop_then_die)
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages)."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def stop_default() -> None:
