@@ -306,6 +306,20 @@ def test_cache_bench_with_an_unreachable_redis_fails_before_any_work(monkeypatch
     assert engine.batch_sizes == []  # not even the warm-up ran
 
 
+@pytest.mark.slow
+def test_cache_bench_with_a_wrong_redis_password_fails_before_any_work():
+    from labkit.bench.caching import run_cache_bench
+    from labkit.serving.redis_server import EmbeddedRedis
+
+    engine = FakeEngine()
+    with EmbeddedRedis(password="right-one") as server:
+        url = server.url.replace(":right-one@", ":hunter2x@")
+        with pytest.raises(RuntimeError, match="cannot use the Redis cache.*Authentication") as err:
+            run_cache_bench(engine, "fake", num_requests=4, url=url, progress=False)
+    assert "hunter2x" not in str(err.value) and "\n" not in str(err.value)
+    assert engine.batch_sizes == []
+
+
 def test_cli_cache_bench_with_a_bad_redis_url_is_one_line_and_exit_2(monkeypatch, capsys):
     from labkit.cli import main
     from labkit.serving.redis_server import free_port

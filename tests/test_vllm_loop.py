@@ -1,6 +1,7 @@
 """The vLLM engine's step loop, driven against a fake ``LLMEngine`` (no GPU, no vLLM needed):
 a request vLLM refuses fails its own caller and the loop goes on serving the others; a request
-longer than ``max_model_len`` is refused up front with the numbers in the message."""
+longer than ``max_model_len`` is refused up front with the numbers in the message; a cancelled
+request is aborted in vLLM at the next step."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ class FakeLLMEngine:
     """One token per step per request; refuses prompts of more than ``limit`` tokens."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.live = limit, {}
+        self.limit, self.live, self.aborted = limit, {}, []
+
+    def abort_request(self, rids):
+        for rid in rids:
+            self.live.pop(rid)
+            self.aborted.append(rid)
 
     def add_request(self, rid, prompt, params):
         if len(prompt["prompt_token_ids"]) > self.limit:
@@ -70,3 +76,30 @@ def test_prompt_plus_max_tokens_over_max_model_len_is_refused_up_front(engine, m
     with pytest.raises(ValueError, match=r"'big': 60 prompt tokens \+ max_tokens 8 exceed "
                                          r"max_model_len 64"):
         engine.generate([Request(prompt="w " * 60, max_tokens=8, request_id="big")])
+
+
+def test_a_cancelled_request_is_aborted_in_vllm_and_the_loop_goes_on(engine, monkeypatch):
+    import threading
+
+    from labkit.engines.base import ABORTED
+
+    monkeypatch.setattr("labkit.engines.vllm.encode_request",
+                        lambda tok, r: [1] * len(r.prompt.split()))
+    endless = Request(prompt="go on", max_tokens=60, request_id="endless")
+    threading.Timer(0.05, endless.cancel).start()
+    engine.llm.step = _slow(engine.llm.step)
+    [stopped] = engine.generate([endless])
+    assert stopped.finish_reason == ABORTED and stopped.output_tokens < 60
+    assert [rid.split("#")[0] for rid in engine.llm.aborted] == ["endless"]
+    [done] = engine.generate([Request(prompt="two words", max_tokens=3)])
+    assert done.finish_reason == "length"
+
+
+def _slow(step):
+    """``step`` that takes 10 ms, like a real decode step (60 steps: 0.6 s)."""
+    import time
+
+    def slow():
+        time.sleep(0.01)
+        return step()
+    return slow
