@@ -34,7 +34,6 @@ completions default to labkit's ``DEFAULT_MAX_TOKENS``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -60,22 +59,14 @@ from labkit.serving.openai_api import (
     error_body,
     error_response,
     http_error,
+    sse,
+    uses_cache,
     validation_message,
 )
 from labkit.serving.service import DEADLINE_S, InferenceService
 
 DRAIN_S = 5  # seconds the requests in flight get to finish after SIGTERM, before cancellation
 log = logging.getLogger(__name__)
-
-
-def _uses_cache(cache_control: str | None) -> bool:
-    """False when a ``Cache-Control`` request header has ``no-cache`` or ``no-store``."""
-    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
-    return not directives & {"no-cache", "no-store"}
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 async def _unless_gone(work, http_request):
@@ -149,10 +140,15 @@ def create_app(service: InferenceService, model_name: str | None = None, *,
                                 f"'{served}'", "model", "model_not_found")
 
     async def run(requests: list[Request], use_cache: bool, http_request: HTTPRequest):
-        """Every request's response, or the first error as an APIError; a client that hangs
-        up meanwhile cancels them all (the engine stops generating them)."""
-        return await _unless_gone(asyncio.gather(
-            *(service.handle(r, use_cache=use_cache) for r in requests)), http_request)
+        """Every request's response, or the first error as an APIError (the others are then
+        cancelled); a client that hangs up meanwhile cancels them all (the engine stops
+        generating them)."""
+        tasks = [asyncio.ensure_future(service.handle(r, use_cache=use_cache)) for r in requests]
+        try:
+            return await _unless_gone(asyncio.gather(*tasks), http_request)
+        finally:
+            for task in tasks:
+                task.cancel()  # nothing for those done; the rest after an error
 
     def usage(responses) -> dict:
         prompt = sum(r.completion.prompt_tokens for r in responses)
@@ -187,22 +183,22 @@ def create_app(service: InferenceService, model_name: str | None = None, *,
         async def events():
             try:
                 if kind == "chat":
-                    yield _sse(chunk(None, None, role=True))
+                    yield sse(chunk(None, None, role=True))
                 event = first
                 while True:
                     if event.response is None:
-                        yield _sse(chunk(event.text, None))
+                        yield sse(chunk(event.text, None))
                     else:
-                        yield _sse(chunk(None, event.response.finish_reason))
+                        yield sse(chunk(None, event.response.finish_reason))
                         if body.stream_options and body.stream_options.include_usage:
-                            yield _sse({**head, "choices": [], "usage": usage([event.response])})
+                            yield sse({**head, "choices": [], "usage": usage([event.response])})
                         break
                     event = await anext(source)
             except REQUEST_ERRORS as err:  # headers are sent: report in-stream
-                yield _sse(error_body(api_error(err)))
+                yield sse(error_body(api_error(err)))
             except Exception as exc:  # noqa: BLE001 (end the stream cleanly, keep the connection)
                 log.exception("stream of %s failed", request.request_id)
-                yield _sse(error_body(APIError(500, f"internal error: {type(exc).__name__}: "
+                yield sse(error_body(APIError(500, f"internal error: {type(exc).__name__}: "
                                                     f"{exc}", None, "internal_error",
                                                "server_error")))
             finally:
@@ -216,7 +212,7 @@ def create_app(service: InferenceService, model_name: str | None = None, *,
     async def completions(body: CompletionBody, http_request: HTTPRequest,
                           cache_control: str | None = Header(None)):
         check_model(body.model)
-        use_cache = _uses_cache(cache_control)
+        use_cache = uses_cache(cache_control)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         requests = [body.request(prompt=p) for p in prompts]
         if body.stream:
@@ -237,7 +233,7 @@ def create_app(service: InferenceService, model_name: str | None = None, *,
     async def chat_completions(body: ChatBody, http_request: HTTPRequest,
                                cache_control: str | None = Header(None)):
         check_model(body.model)
-        use_cache = _uses_cache(cache_control)
+        use_cache = uses_cache(cache_control)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         request = body.request(messages=[m.model_dump() for m in body.messages])

@@ -1,4 +1,6 @@
-"""OpenAI's wire format for ``labkit.serving.http``: the request bodies and the error object.
+"""OpenAI's wire format for ``labkit.serving.http``: the request bodies, the error object and
+which error gets which status (``api_error``, ``http_error``), SSE framing (``sse``) and the
+``Cache-Control`` rule (``uses_cache``).
 
 Bodies are pydantic models with strict types, as OpenAI's API checks them ("Invalid type for
 'max_tokens': expected an integer"): ``max_tokens: true`` or ``"16"`` is a 400, not 1 or 16;
@@ -19,6 +21,7 @@ middlewares here make sure that holds for what never reaches a route too:
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import Annotated, Literal
@@ -178,6 +181,17 @@ def http_error(method: str, path: str, exc: HTTPException) -> APIError:
                }.get(exc.status_code, str(exc.detail))
     code = "request_too_large" if exc.status_code == 413 else None
     return APIError(exc.status_code, message, None, code)
+
+
+def uses_cache(cache_control: str | None) -> bool:
+    """False when a ``Cache-Control`` request header has ``no-cache`` or ``no-store``."""
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    return not directives & {"no-cache", "no-store"}
+
+
+def sse(obj) -> str:
+    """One Server-Sent Event carrying ``obj`` as compact JSON: ``data: {...}\\n\\n``."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
