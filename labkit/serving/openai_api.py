@@ -239,10 +239,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", ())).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
+            # Answered before the body is read; uvicorn skips the unread body, so the
+            # connection stays usable for the client's next request.
             err = BodyTooLarge(f"Content-Length {int(length)}", self.max_body_bytes)
             return await _send_error(scope, send, APIError(413, err.detail, None,
-                                                           "request_too_large"),
-                                     {"Connection": "close"})
+                                                           "request_too_large"))
         seen = 0
 
         async def counted():
