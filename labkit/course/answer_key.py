@@ -20,13 +20,13 @@ def questions_in(nb_path: str | Path) -> dict[str, dict]:
     arguments in a notebook's code cells."""
     import nbformat
 
-    from labkit.course.tamper import strip_magics
+    from labkit.course.tamper import python_source
 
     found = {}
     for i, cell in enumerate(nbformat.read(str(nb_path), as_version=4).cells):
         if cell.cell_type != "code" or "ask(" not in cell.source:
             continue
-        for node in ast.walk(ast.parse(strip_magics(cell.source))):
+        for node in ast.walk(ast.parse(python_source(cell.source))):
             fn = node.func if isinstance(node, ast.Call) else None
             name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", None)
             if name != "ask" or len(node.args) < 2:
