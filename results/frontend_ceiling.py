@@ -9,8 +9,13 @@ HTTP, SSE, the service, and the load generator itself.
 On a 2-core CPU (client and server sharing it), 16-token streams, STEP_S=0.003, 512 requests,
 old and new load generator interleaved twice against one server: one httpx pool gave 1,542 and
 1,592 output tokens/s at 64 clients, 1,113 and 1,069 at 256 (p99 TTFT 6.1-6.4 s); spreading the
-load over small pools (``serve_bench.load_sender``) gave 6,044 and 6,720 at 64, 5,037 and 5,334
-at 256 (p99 TTFT 0.8-0.9 s).
+load over small pools (``labkit.bench.client.load_sender``) gave 6,044 and 6,720 at 64, 5,037
+and 5,334 at 256 (p99 TTFT 0.8-0.9 s).
+
+This measures labkit's server front end and the load generator together. The load generator's
+own ceiling (against a server that costs nothing: ``labkit.bench.fake_server`` with no delays)
+is ``python -m labkit.bench.ceiling``; ``labkit bench serve`` measures it before its runs and
+flags each run above 70% of it as ``client_bound``.
 """
 
 import sys

@@ -5,12 +5,16 @@
 | workloads   | requests built from data/prompts.jsonl (lengths, distinct prompts)         |
 | loadgen     | closed- and open-loop load over any ``send(request)`` coroutine            |
 | client      | the OpenAI-compatible HTTP client: streaming, per-chunk time stamps        |
+| slo         | SLO text and the MLPerf presets, the knee of a rate sweep, cost fields     |
+| fake_server | an OpenAI-compatible server of known timing (tests, lab 05's queueing)     |
+| ceiling     | the load generator's own ceiling; which runs are client-bound              |
+| sweep       | rate and batch-size sweeps for lab 05; the reference service on its loop   |
 | latency     | ``bench latency``: one request at a time, roofline fields, decode sweep    |
 | batching    | ``bench batching``: static, dynamic and continuous batching on one workload |
 | caching     | ``bench cache``: miss and hit paths, hit ratio of a workload with repeats  |
 | quant       | ``bench quant``: size, perplexity and decode speed per quantization method |
 | prune       | 2:4 sparse vs dense matmul timing; the pruning rows' fields of bench quant  |
-| serve       | ``bench serve``: load a running server, one run per concurrency or rate    |
+| serve       | ``bench serve``: closed or open loop against a server, SLO, knee, cost     |
 | compare     | the course's reference service measured: its defects, against the fix      |
 | autoscale   | a load step against a Ray Serve deployment and its replica counts          |
 

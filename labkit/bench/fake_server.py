@@ -2,15 +2,19 @@
 
 A request waits for one of ``slots`` (None: no limit; first come, first served beyond it), then
 its first token comes ``ttft_s`` after it got the slot and each next one ``itl_s`` later, one SSE
-chunk per token (stamped on an absolute schedule, so sleep overshoots do not add up). The slot is
-held until the last token. So for a request that found a free slot the truth is::
+chunk per token (stamped on a schedule kept from the first token, so sleep overshoots do not add
+up). The slot is held until the last token. So for a request that found a free slot the truth
+is::
 
     TTFT = ttft_s    TPOT = ITL = itl_s    E2E = ttft_s + (max_tokens - 1) * itl_s
 
 and with ``slots=1`` it is a single-server queue with a fixed service time, E2E above (under
-Poisson arrivals: the M/D/1 queue). ``ttft_s = itl_s = 0`` is the zero-compute server against
-which ``labkit.bench.ceiling`` measures the load generator's own ceiling: each response is then
-written in one piece. Used by the tests of ``labkit bench serve`` and by lab 05, section 7::
+Poisson arrivals: the M/D/1 queue). ``itl_per_running_s`` makes it a batching server: each gap
+grows by that much for every other request running at that moment, as a decode step grows with
+the batch, so more slots give more tokens/s and a longer TPOT. ``ttft_s = itl_s = 0`` is the
+zero-compute server against which ``labkit.bench.ceiling`` measures the load generator's own
+ceiling: each response is then written in one piece. Used by the tests of ``labkit bench
+serve`` and by lab 05, section 7::
 
     with FakeServer(ttft_s=0.1, itl_s=0.02) as server:     # a thread of this process
         run_serve_bench(server.url, request_rates=[4.0])
@@ -43,7 +47,7 @@ def _chunk(rid: str, chat: bool, text: str | None, finish: str | None, model: st
 
 
 def create_app(ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = None,
-               model: str = MODEL):
+               model: str = MODEL, itl_per_running_s: float = 0.0):
     """The FastAPI app of the fake server (see the module docstring for its timing).
 
     (No ``from __future__ import annotations`` in this module: FastAPI reads the handlers'
@@ -51,8 +55,9 @@ def create_app(ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = Non
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    if ttft_s < 0 or itl_s < 0:
-        raise ValueError(f"ttft_s and itl_s must be >= 0 s, got {ttft_s!r}, {itl_s!r}")
+    if min(ttft_s, itl_s, itl_per_running_s) < 0:
+        raise ValueError(f"ttft_s, itl_s and itl_per_running_s must be >= 0 s, got {ttft_s!r}, "
+                         f"{itl_s!r}, {itl_per_running_s!r}")
     if slots is not None and slots < 1:
         raise ValueError(f"slots must be >= 1 (or None: no limit), got {slots!r}")
     app = FastAPI(title="labkit fake server")
@@ -70,9 +75,11 @@ def create_app(ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = Non
         counts["max_running"] = max(counts["max_running"], counts["running"])
         loop = asyncio.get_running_loop()
         try:
-            t0 = loop.time()
+            due = loop.time() + ttft_s
             for k in range(n):
-                delay = t0 + ttft_s + k * itl_s - loop.time()
+                if k:
+                    due += itl_s + itl_per_running_s * (counts["running"] - 1)
+                delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 yield k
@@ -151,14 +158,17 @@ class FakeServer:
     """
 
     def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = None, *,
-                 model: str = MODEL, host: str = "127.0.0.1", port: int | None = None) -> None:
+                 itl_per_running_s: float = 0.0, model: str = MODEL, host: str = "127.0.0.1",
+                 port: int | None = None) -> None:
         import uvicorn
 
         from labkit.serving.redis_server import free_port
 
         self.host, self.port = host, port or free_port()
         self.ttft_s, self.itl_s, self.slots = ttft_s, itl_s, slots
-        config = uvicorn.Config(create_app(ttft_s, itl_s, slots, model), host=host,
+        self.itl_per_running_s = itl_per_running_s
+        config = uvicorn.Config(create_app(ttft_s, itl_s, slots, model, itl_per_running_s),
+                                host=host,
                                 port=self.port, log_level="warning", lifespan="off",
                                 access_log=False)
         self._server = uvicorn.Server(config)
@@ -170,9 +180,11 @@ class FakeServer:
         """The server root (``http://host:port``)."""
         return f"http://{self.host}:{self.port}"
 
-    def service_time_s(self, max_tokens: int) -> float:
-        """Seconds a request of ``max_tokens`` tokens holds its slot: its true E2E unqueued."""
-        return self.ttft_s + (max_tokens - 1) * self.itl_s
+    def service_time_s(self, max_tokens: int, running: int = 1) -> float:
+        """Seconds a request of ``max_tokens`` tokens holds its slot while ``running`` requests
+        (itself included) run all along: its true E2E when it did not wait for a slot."""
+        return self.ttft_s + (max_tokens - 1) * (self.itl_s
+                                                  + self.itl_per_running_s * (running - 1))
 
     def start(self, timeout_s: float = 30.0) -> "FakeServer":
         """Start serving; returns once the port accepts connections."""
@@ -208,8 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ttft-ms", type=float, default=100.0, help="first token after (ms)")
     p.add_argument("--itl-ms", type=float, default=20.0, help="gap between tokens (ms)")
     p.add_argument("--slots", type=int, help="requests served at once (default: no limit)")
+    p.add_argument("--itl-per-running-ms", type=float, default=0.0, help="each gap grows by "
+                   "this for every other request running (ms)")
     args = p.parse_args(argv)
-    app = create_app(args.ttft_ms / 1e3, args.itl_ms / 1e3, args.slots)
+    app = create_app(args.ttft_ms / 1e3, args.itl_ms / 1e3, args.slots,
+                     itl_per_running_s=args.itl_per_running_ms / 1e3)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

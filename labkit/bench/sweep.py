@@ -8,8 +8,9 @@
 - ``LoopThread`` and ``reference_sender``: the course's reference service on an event loop of its
   own, as in its own server process, so its blocked loop (its DEFECT 3) stalls its own requests
   and not the load generator's clock.
-- ``batch_size_sweep``: ``InferenceService`` at several ``max_batch_size`` under one open-loop
-  rate: what the lab's exercise chooses from.
+- ``batch_size_sweep``: ``InferenceService`` at several ``max_batch_size`` under one load (a
+  fixed number of users, or an open-loop rate); ``fake_batching_sweep``: the same question put
+  to the fake server as a batching server of known timing. The lab's exercise chooses from them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ class LoopThread:
         self.loop.close()
 
 
+class FixedLength(Engine):
+    """Wraps an engine so that every request runs to its ``max_tokens`` (``ignore_eos``), as
+    in a benchmark workload: the reference service builds its own requests and cannot ask for
+    it, and an answer that ends at once would make it look fast for the wrong reason."""
+
+    def __init__(self, inner: Engine) -> None:
+        super().__init__(inner.model_name, inner.device, inner.dtype)
+        self.inner, self.name, self.continuous = inner, inner.name, inner.continuous
+        self.tokenizer, self.max_model_len = inner.tokenizer, inner.max_model_len
+
+    def generate(self, requests, on_token=None):
+        """The inner engine's completions of ``requests`` with ``ignore_eos=True``."""
+        return self.inner.generate([dataclasses.replace(r, ignore_eos=True) for r in requests],
+                                   on_token)
+
+
 def reference_sender(service, loop: LoopThread, tokenizer) -> Sender:
     """``send(request) -> Completion`` through the course's ``OptimizedInferenceService`` running
     on ``loop``. It does not stream: its one piece of text arrives at the end, so TTFT = E2E.
@@ -104,22 +121,28 @@ def reference_sender(service, loop: LoopThread, tokenizer) -> Sender:
     return send
 
 
-def batch_size_sweep(engine: Engine, sizes: Sequence[int], workload: Sequence[Request],
-                     rate: float, *, slo: dict[str, float], max_wait_ms: float = 20.0,
+def batch_size_sweep(engine: Engine, sizes: Sequence[int], workload: Sequence[Request], *,
+                     slo: dict[str, float], concurrency: int | None = None,
+                     rate: float | None = None, max_wait_ms: float = 20.0,
                      seed: int = SEED) -> list[dict]:
     """``InferenceService(engine, max_batch_size=m)`` (no cache, in this process) for each ``m``
-    in ``sizes``, each under the same open-loop load of ``workload`` at ``rate`` req/s; one
+    in ``sizes``, each under the same load of ``workload``: ``concurrency`` closed-loop clients
+    (users who each wait for their answer) or open-loop arrivals at ``rate`` req/s. One
     ``runs[]`` entry per size with ``max_batch_size``, ``max_wait_ms`` and the service's
     ``mean_batch_size`` (requests per engine call)."""
-    from labkit.bench.loadgen import run_sync
+    from labkit.bench.loadgen import closed_loop, run_sync
     from labkit.serving.service import InferenceService
+
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency= (closed loop) or rate= (open loop)")
 
     async def one(size: int) -> dict:
         async with InferenceService(engine, None, max_batch_size=size,
                                     max_wait_ms=max_wait_ms) as service:
             fresh = [dataclasses.replace(r, request_id=f"{r.request_id}-m{size}")
                      for r in workload]
-            result = await open_loop(service.complete, fresh, rate, seed=seed)
+            result = await (closed_loop(service.complete, fresh, concurrency) if rate is None
+                            else open_loop(service.complete, fresh, rate, seed=seed))
             batching = service.metrics()["batching"]
         return result.summary("batch-size", slo=slo, max_batch_size=size,
                               max_wait_ms=max_wait_ms,
@@ -127,3 +150,26 @@ def batch_size_sweep(engine: Engine, sizes: Sequence[int], workload: Sequence[Re
 
     return [run_sync(one(size)) for size in sizes]
 
+
+def fake_batching_sweep(sizes: Sequence[int], *, users: int, output_tokens: int,
+                        slo: dict[str, float], requests_per_user: int = 2,
+                        ttft_s: float = 0.04, itl_s: float = 0.01,
+                        itl_per_running_s: float = 0.002) -> list[dict]:
+    """The fake server (``labkit.bench.fake_server``) as a batching server with ``size`` slots
+    for each size, each gap ``itl_per_running_s`` longer per other request in its batch, loaded
+    by ``users`` closed-loop clients (``requests_per_user`` requests each) over HTTP. One
+    ``runs[]`` entry per size with ``max_batch_size`` (its slots) and the server's timing."""
+    from labkit.bench.client import serve_load
+    from labkit.bench.fake_server import MODEL, FakeServer
+    from labkit.bench.loadgen import run_sync
+    from labkit.bench.workloads import short_workload
+
+    runs = []
+    for size in sizes:
+        with FakeServer(ttft_s, itl_s, size, itl_per_running_s=itl_per_running_s) as server:
+            result = run_sync(serve_load(server.url, short_workload(
+                users * requests_per_user, output_tokens), model=MODEL, concurrency=users))
+        runs.append(result.summary("fake-batching", slo=slo, max_batch_size=size,
+                                   ttft_s_server=ttft_s, itl_s_server=itl_s,
+                                   itl_per_running_s=itl_per_running_s))
+    return runs
