@@ -53,12 +53,29 @@ def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     flat = w.detach().abs().flatten().float()
     if k == 0:
         return torch.ones_like(w, dtype=torch.bool)
-    threshold = flat.kthvalue(k).values
+    threshold = _kth_smallest(flat, k)
     keep = flat > threshold
     tied = (flat == threshold).nonzero().flatten()
-    below = int((flat < threshold).sum())
+    below = flat.numel() - int(torch.count_nonzero(keep)) - tied.numel()
     keep[tied[k - below:]] = True  # prune all below, then the first (k - below) tied ones
     return keep.view_as(w)
+
+
+def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest value of a 1-D tensor (1-based), exactly. Over ``2**22`` values, a
+    strided sample of about ``2**20`` brackets it first, so ``kthvalue`` runs on the few values
+    in the bracket (global pruning of a whole model); if the bracket misses, on all of them."""
+    n = flat.numel()
+    if n > 1 << 22:
+        sample = flat[::n >> 20]
+        q = k / n
+        lo, hi = torch.quantile(sample, torch.tensor([max(q - 0.01, 0.0), min(q + 0.01, 1.0)],
+                                                     device=flat.device))
+        below = int(torch.count_nonzero(flat < lo))
+        inside = flat[(flat >= lo) & (flat <= hi)]
+        if below < k <= below + inside.numel():
+            return inside.kthvalue(k - below).values
+    return flat.kthvalue(k).values
 
 
 def mask_2_4(w: torch.Tensor) -> torch.Tensor:
@@ -227,7 +244,9 @@ def sparsity_sweep(model: nn.Module, token_ids: Sequence[int], sparsities: Seque
                    progress: bool = True) -> list[dict]:
     """Perplexity of a pruned copy of ``model`` for every scope and sparsity (``model`` is left
     untouched). Rows: ``scope``, ``sparsity`` (requested), ``measured_sparsity`` (zeros over
-    all target weights) and ``perplexity`` on ``token_ids``; sparsity 0 is the dense model."""
+    all target weights), ``by_type`` (``{layer type: mean sparsity of its layers}``: uneven
+    under a global threshold) and ``perplexity`` on ``token_ids``; sparsity 0 is the dense
+    model."""
     from tqdm.auto import tqdm
 
     from labkit.quality import perplexity
@@ -236,9 +255,13 @@ def sparsity_sweep(model: nn.Module, token_ids: Sequence[int], sparsities: Seque
     for scope, sparsity in tqdm([(sc, s) for sc in scopes for s in sparsities],
                                 desc="sparsity sweep", disable=not progress):
         pruned = copy.deepcopy(model)
-        prune_linears(pruned, sparsity, scope)
+        per_layer = prune_linears(pruned, sparsity, scope)
+        by_type: dict[str, list[float]] = {}
+        for name, zeros in per_layer.items():
+            by_type.setdefault(name.rpartition(".")[2], []).append(zeros)
         rows.append({"scope": scope, "sparsity": sparsity,
                      "measured_sparsity": model_sparsity(pruned),
+                     "by_type": {k: sum(v) / len(v) for k, v in by_type.items()},
                      "perplexity": perplexity(pruned, token_ids, window, stride)})
         del pruned
     return rows

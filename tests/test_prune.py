@@ -64,6 +64,15 @@ def test_magnitude_mask_prunes_the_exact_count_even_with_tied_values():
             assert w[~keep].abs().max() <= w[keep].abs().min()
 
 
+def test_magnitude_mask_of_a_whole_model_is_exact_too():
+    # over 2**22 weights the threshold is bracketed from a sample first: the count stays exact
+    w = torch.randint(-50, 51, (5_000_000,), generator=torch.Generator().manual_seed(0)).float()
+    for sparsity in (0.3, 0.999):
+        keep = prune.magnitude_mask(w, sparsity)
+        assert int((~keep).sum()) == round(sparsity * w.numel())
+        assert w[~keep].abs().max() <= w[keep].abs().min()
+
+
 def test_bad_sparsity_names_the_value_and_the_range():
     with pytest.raises(ValueError, match=r"\[0, 1\).*1\.5"):
         prune.magnitude_mask(torch.ones(4), 1.5)
@@ -139,6 +148,7 @@ def test_sweep_and_sensitivity_leave_the_model_untouched_and_rank_layer_types():
         ("layer", 0.0), ("layer", 0.5), ("global", 0.0), ("global", 0.5)]
     assert rows[0]["perplexity"] == pytest.approx(perplexity(model, ids, 32, 16))
     assert rows[1]["measured_sparsity"] == pytest.approx(0.5, abs=0.005)
+    assert rows[1]["by_type"]["up_proj"] == pytest.approx(0.5, abs=0.005)  # per layer: even
     scan = prune.sensitivity_scan(model, ids, 0.5, window=32, stride=16, progress=False)
     assert list(scan) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj"]
