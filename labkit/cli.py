@@ -13,7 +13,7 @@ from pathlib import Path
 from labkit.bench.batching import CONTINUOUS_ENGINES
 from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
 from labkit.course.assign import RELEASE_DIR, SOURCE_DIR
-from labkit.course.runner import CELL_TIMEOUT_S
+from labkit.course.runner import CELL_TIMEOUT_S, parse_params
 from labkit.metrics import BENCH_KINDS
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 
@@ -142,7 +142,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from labkit.course.runner import parse_params, run_labs
+    from labkit.course.runner import run_labs
 
     result = run_labs(args.notebooks or None, profile=args.profile,
                       params=parse_params(args.param), out_dir=args.out,
@@ -169,10 +169,9 @@ def _cmd_assign(args) -> int:
 
 def _cmd_grade(args) -> int:
     from labkit.course.grading import grade
-    from labkit.course.runner import parse_params
 
     frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.timeout,
-                  rubric=args.rubric, params=parse_params(args.param))
+                  rubric=args.rubric, params=parse_params(args.param), sandbox=not args.no_sandbox)
     print(frame[["submission", "status", "total", "max", "reason"]].to_string(index=False))
     print(f"grades: {args.out}")
     return 0  # failing submissions are graded rows in the CSV, not a failed command
@@ -317,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=SECONDS, help="per-notebook timeout (s; default: rubric's)")
     p.add_argument("--rubric", help="a rubric file instead of data/rubrics/labNN.toml")
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
+    p.add_argument("--no-sandbox", action="store_true", help="no sandbox: trusted work only")
     p.set_defaults(func=_cmd_grade)
     return parser
 

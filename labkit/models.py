@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,11 +154,22 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _umask_modes(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """Give a freshly written model folder the modes of ordinary files (the umask's, not the
+    private ones of mkdtemp/mkstemp), so other users (``labkit grade``'s sandbox) can read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 # --- synthetic models -------------------------------------------------------------------------
@@ -204,6 +216,7 @@ def synthetic_path(name: str) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(bundled_path()).save_pretrained(tmp)
         (tmp / "labkit_synthetic.json").write_text(json.dumps({"name": name}))
+        _umask_modes(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process (a second replica) made it first: use theirs

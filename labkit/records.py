@@ -2,11 +2,9 @@
 
 ``record(name, value)`` (``labkit.record`` in the notebooks) stores a JSON value as a display
 output of its own MIME type, so it survives papermill execution and can be read back from the
-executed ``.ipynb`` without running anything (``read_records``, ``cell_records``). The names a
-grader's injected cells use are defined here too, next to the format they bend: their records'
-names start with ``GRADER_PREFIX`` (``labkit.course.grading`` counts those only from its own
-cells) and the cells carry ``GRADER_KEY`` in their metadata (``labkit.course.runner`` leaves
-them out when it names the failing cell).
+executed ``.ipynb`` without running anything (``read_records``, ``cell_records``). The grader
+counts a record only from the lab's own record cells, and as a claim: its hidden tests and
+recomputations run elsewhere (``labkit.course.grading``).
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ import json
 from pathlib import Path
 
 RECORD_MIME = "application/vnd.labkit.record+json"
-GRADER_KEY = "labkit_grader"  # cell metadata key of the cells the grader injects
-GRADER_PREFIX = f"__{GRADER_KEY}__:"  # records under this prefix count only from grader cells
 
 
 def record(name: str, value) -> None:

@@ -13,6 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from labkit.course.answer_key import lab_key, questions_in
 from labkit.course.assign import make_student_notebooks
 from labkit.course.rubric import load_rubric
+from labkit.course.sandbox import unavailable
 
 WHY = "int4 stores 4 bits per weight and one fp16 scale and zero point per group of 32"
 TEMPTING = "it forgets the scales and zero points"
@@ -93,6 +94,7 @@ def test_the_answer_key_comes_from_the_notebook_and_the_rubric(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(unavailable() is not None, reason=f"no sandbox here: {unavailable()}")
 def test_right_untouched_and_wrong_answers_are_graded_with_feedback(tmp_path):
     solution, rubric = _lab(tmp_path / "lab")
     [student] = make_student_notebooks(tmp_path / "lab", tmp_path / "rel", pattern="98_*.ipynb")

@@ -9,7 +9,11 @@ the modules here read them back.
 | runner   | ``labkit run``: execute labs under papermill, summary.json                    |
 | report   | the self-contained HTML report of a run                                       |
 | assign   | ``labkit assign``: student notebooks from the solution notebooks              |
-| tamper   | the static scan of student-written cells                                      |
+| tamper   | the static scan of student-written cells (the grader's first line)            |
 | rubric   | ``Check``, ``Rubric``, ``load_rubric``: data/rubrics/labNN.toml, validated    |
-| grading  | ``labkit grade``: prepare, run and score each submission, one CSV             |
+| sandbox  | bubblewrap + limits: where a submission's code runs, cut off from the rest    |
+| trusted  | hidden tests and recomputations in a fresh interpreter, outside the kernel    |
+| harness  | the program of that interpreter (``python -m labkit.course.harness``)         |
+| scoring  | points per check from the records and the trusted answers                     |
+| grading  | ``labkit grade``: scan, run in a sandbox, check and score each submission     |
 """

@@ -9,7 +9,10 @@ In a solution notebook:
   The optional name after the marker lets a rubric's hidden check reuse the block.
 - ``name = <answer>  ### ANSWER`` is a knowledge check's answer (``labkit.quiz``); the student
   version has ``name = None  # your answer`` there. Keys and explanations stay in the rubric.
-Outputs and execution counts are cleared; the ``parameters`` cell and everything else is kept.
+Outputs and execution counts are cleared; the ``parameters`` cell and everything else is kept,
+but for papermill's ``injected-parameters`` cell of a committed run (papermill adds its own when
+the notebook runs, and a cell the student never saw would shift the cell numbers of every
+report).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import re
 from pathlib import Path
 
 from labkit.config import LAB_NOTEBOOKS
+from labkit.course.runner import INJECTED_TAG
 
 SOURCE_DIR, RELEASE_DIR = "notebooks", "release"  # solution and student notebooks (relative)
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -108,6 +112,8 @@ def student_notebook(nb):
     cells = []
     for i, cell in enumerate(out.cells):
         where = f"cell {i}"
+        if INJECTED_TAG in cell.metadata.get("tags", []):
+            continue
         if cell.cell_type == "code":
             had_hidden = BEGIN_HIDDEN in cell.source
             cell.source = stub_answers(

@@ -1,77 +1,74 @@
-"""``labkit grade``: run every submission of a lab under papermill and score it against its rubric.
+"""``labkit grade``: run every submission of a lab in a sandbox and score it against its rubric.
 
-Each submission runs in its own temporary ``notebooks/`` dir (with a copy of ``data/``) in the ci
-profile, with a time limit for the whole notebook (``labkit.course.rubric``; the threat model is
-in data/rubrics/README.md). Code the student wrote or changed is scanned first
-(``labkit.course.tamper``): a submission that reaches for the grader is flagged, not run. Only
-records emitted by the lab's own record cells (code unchanged from the released notebook) count;
-hidden checks and recomputations run in cells the grader injects, which publish under a per-run
-secret nonce (``GRADER_PREFIX``, ``GRADER_KEY`` of ``labkit.records``). Points are summed
-per check (partial credit), and a notebook that stops early keeps the points of the records it
-produced before.
+A submission goes through four steps (the threat model is in data/rubrics/README.md):
+
+1. The static scan (``labkit.course.tamper``) of the cells the student wrote or changed: one
+   that reaches for the grader is flagged, not run.
+2. Its kernel runs the notebook under papermill in the ci profile, with a time limit for the
+   whole run, inside a box of its own (``labkit.course.sandbox``: namespaces, a private
+   folder, HOME and IPython dir, no network, memory/CPU/process limits from the rubric);
+   every process it started is gone afterwards.
+3. Only records emitted by the lab's own record cells (code unchanged from the released
+   notebook) count; they are claims, not verdicts.
+4. Its hidden tests and recomputations run outside the kernel, in a fresh sandboxed
+   interpreter that gets the student's graded definitions and the recorded values
+   (``labkit.course.trusted``); the grader compares the recomputed values with the records.
+
+Points are summed per check (partial credit); a notebook that stops early keeps the points of
+the records it produced and of the exercises it reached.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
 import secrets
-import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.config import DATA_DIR, RUBRIC_DIR
-from labkit.course.rubric import Check, Rubric, load_rubric
-from labkit.records import GRADER_KEY, GRADER_PREFIX, RECORD_MIME, cell_records
+from labkit.course.rubric import Rubric, load_rubric
+from labkit.course.sandbox import Limits, make_box, remove_box, unavailable
+from labkit.course.scoring import normalized, passes, recorded, score, student_records
 
-CHECK_TIMEOUT_S = 60  # one hidden test or recomputation; over it, that check fails
-GRADE_MARK = "LABKIT_GRADE_RUN"  # environment variable of grading kernels, and their children
-
-
-# --------------------------------------------------------------------------- preparing a submission
-def _norm(source: str) -> str:
-    """A cell's code up to comments, quotes and layout (its AST), so a harmless edit to a lab's
-    record cell keeps it trusted; text that does not parse is compared line by line."""
-    import ast
-
-    from labkit.course.tamper import strip_magics
-
-    try:
-        return ast.dump(ast.parse(strip_magics(source)))
-    except SyntaxError:
-        return "\n".join(line.rstrip() for line in source.strip().splitlines())
+CHECK_TIMEOUT_S = 60  # one hidden test or recomputation (s; a rubric's check_timeout_s wins)
+GRADE_MARK = "LABKIT_GRADE_RUN"  # environment variable of grading kernels (--no-sandbox clean-up)
+UNSAFE = "graded without a sandbox (--no-sandbox): its code ran with the grader's rights"
 
 
-def _student_cells(rubric: Rubric) -> tuple[str, ...]:
-    """Code cell sources of the student version of the lab's notebook (read once per file)."""
-    path = Path(rubric.notebook)
-    return _student_cells_of(str(path), path.stat().st_mtime_ns)
-
-
+# --------------------------------------------------------------------------- the released lab
 @functools.lru_cache(maxsize=16)
-def _student_cells_of(path: str, _mtime_ns: int) -> tuple[str, ...]:
+def _released(path: str, _mtime_ns: int) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+    """Of a solution notebook: the code cells students receive, the released parameters cell,
+    and the graded names (read once per file version)."""
     import nbformat
 
     from labkit.course.assign import student_notebook
+    from labkit.course.trusted import graded_names, parameters_source
 
-    nb = student_notebook(nbformat.read(path, as_version=4))
-    return tuple(c.source for c in nb.cells if c.cell_type == "code")
+    solution = nbformat.read(path, as_version=4)
+    nb = student_notebook(solution)
+    return (tuple(c.source for c in nb.cells if c.cell_type == "code"), parameters_source(nb),
+            graded_names(solution))
+
+
+def _lab(rubric: Rubric) -> tuple[tuple[str, ...], str, tuple[str, ...]]:
+    return _released(str(rubric.notebook), Path(rubric.notebook).stat().st_mtime_ns)
 
 
 def record_cells(rubric: Rubric) -> list[str]:
     """Sources of the lab's record cells, as students receive them."""
-    return [src for src in _student_cells(rubric) if re.search(r"\brecord\(", src)]
+    return [src for src in _lab(rubric)[0] if re.search(r"\brecord\(", src)]
 
 
 def trusted_sources(rubric: Rubric) -> set[str]:
-    """The record cells, normalized (``_norm``): only cells with one of these codes may record."""
-    return {_norm(src) for src in record_cells(rubric)}
+    """The record cells, normalized (``normalized``): only cells with one of these codes record."""
+    return {normalized(src) for src in record_cells(rubric)}
 
 
 def given_sources(rubric: Rubric) -> set[str]:
     """Every code cell of the notebook students receive (normalized): the lab's own code."""
-    return {_norm(src) for src in _student_cells(rubric)}
+    return {normalized(src) for src in _lab(rubric)[0]}
 
 
 def tampering(nb, given: set[str]) -> list[str]:
@@ -81,267 +78,200 @@ def tampering(nb, given: set[str]) -> list[str]:
     from labkit.course.tamper import scan
 
     return [f"cell {i} {finding}" for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and _norm(c.source) not in given
+            if c.cell_type == "code" and normalized(c.source) not in given
             for finding in scan(c.source)]
 
 
-def _grader_cell(nonce: str, check: Check, role: str):
-    """A cell that runs a hidden test (``exec``) or a recomputation (``eval``) on a copy of the
-    student's globals and publishes the outcome under the nonce, bypassing patchable helpers
-    (builtins by module, not by name). A check that runs over ``CHECK_TIMEOUT_S`` fails alone;
-    the notebook goes on."""
-    import nbformat
-
-    name = f"{GRADER_PREFIX}{nonce}:{role}:{check.name}"
-    mode, text = ("exec", check.code) if role == "hidden" else ("eval", check.recompute)
-    result = '{"passed": True}' if role == "hidden" else '{"value": _out}'
-    fn = f"_lk_grader_{nonce}"
-    src = f"""# labkit grader: {role} check {check.name!r}
-def {fn}(_g):
-    import builtins as _b
-    import json
-    import signal
-    from IPython.core.getipython import get_ipython
-
-    def emit(payload):
-        value = json.loads(json.dumps(payload, default=lambda o: o.item() if hasattr(o, "item")
-                                      else repr(o)))
-        get_ipython().display_pub.publish(
-            data={{{RECORD_MIME!r}: {{"name": {name!r}, "value": value}},
-                  "text/plain": "labkit grader " + {check.name!r}}}, metadata={{}})
-    def late(*_args):
-        raise TimeoutError("took longer than {CHECK_TIMEOUT_S} s")
-
-    before = signal.signal(signal.SIGALRM, late)
-    signal.alarm({CHECK_TIMEOUT_S})
-    try:
-        _out = _b.{mode}(_b.compile({text!r}, {f'<{role} check {check.name}>'!r}, {mode!r}),
-                         _b.dict(_g))
-    except _b.Exception as exc:
-        emit({{"passed": False, "error": f"{{_b.type(exc).__name__}}: {{exc}}"}})
-    else:
-        emit({result})
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, before)
-{fn}(globals())
-del {fn}
-"""
-    cell = nbformat.v4.new_code_cell(src)
-    cell.metadata[GRADER_KEY] = {"nonce": nonce, "check": check.name, "role": role}
-    return cell
-
-
-def prepare_submission(nb, rubric: Rubric, nonce: str, trusted: set[str]):
-    """Clear outputs, drop forged grader metadata, inject hidden-test and recompute cells."""
-    for cell in nb.cells:
-        cell.metadata.pop(GRADER_KEY, None)
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    inserts: list[tuple[int, object]] = []
-    for check in rubric.checks:
-        if check.kind == "hidden":
-            pos = next((i + 1 for i, c in enumerate(nb.cells) if c.cell_type == "code"
-                        and check.after and check.after in c.source
-                        and _norm(c.source) not in trusted), len(nb.cells))
-            inserts.append((pos, _grader_cell(nonce, check, "hidden")))
-        elif check.recompute:
-            pattern = re.compile(rf"""record\(\s*['"]{re.escape(check.record)}['"]""")
-            inserts += [(i + 1, _grader_cell(nonce, check, "recompute"))
-                        for i, c in enumerate(nb.cells) if c.cell_type == "code"
-                        and pattern.search(c.source) and _norm(c.source) in trusted]
-    # From the end, so earlier positions stay valid; checks at one position keep rubric order.
-    for _, pos, cell in sorted(((i, p, c) for i, (p, c) in enumerate(inserts)),
-                               key=lambda x: (x[1], x[0]), reverse=True):
-        nb.cells.insert(pos, cell)
-    return nb
-
-
-# --------------------------------------------------------------------------- scoring
-def _same(a, b, check: Check) -> bool:
-    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
-        tol = (check.rel_tol, check.abs_tol) if check.op == "close" else (1e-9, 0.0)
-        return math.isclose(a, b, rel_tol=tol[0], abs_tol=tol[1])
-    return a == b
-
-
-def _passes(value, check: Check) -> tuple[bool, str]:
-    """Whether a recorded value meets the check, and what it got if not."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if check.op == "quiz":
-        return check.quiz.is_right(value), check.quiz.feedback(value)
-    if check.op == "true":
-        return value is True, f"got {value!r}, expected true"
-    if check.op == "equals":
-        return value == check.expected, f"got {value!r}, expected {check.expected!r}"
-    if not number:
-        return False, f"got {value!r}, expected a number"
-    if check.op == "close":
-        ok = math.isclose(value, check.expected, rel_tol=check.rel_tol, abs_tol=check.abs_tol)
-        return ok, f"got {value!r}, expected {check.expected!r} (rel_tol {check.rel_tol:g})"
-    lo = -math.inf if check.min is None else check.min
-    hi = math.inf if check.max is None else check.max
-    return lo <= value <= hi, f"got {value!r}, expected between {check.min} and {check.max}"
-
-
-def score(nb, rubric: Rubric, nonce: str, trusted: set[str]) -> tuple[dict, list[str], int]:
-    """Points per check of an executed notebook, feedback lines, and how many records were
-    ignored (from cells that are not the lab's record cells, or forged grader names)."""
-    student, grader, ignored = {}, {}, 0
-    for cell in nb.cells:
-        meta = cell.get("metadata", {}).get(GRADER_KEY) or {}
-        mine = meta.get("nonce") == nonce
-        for payload in cell_records(cell):
-            name = payload.get("name", "")
-            if mine and name.startswith(f"{GRADER_PREFIX}{nonce}:"):
-                grader[name.removeprefix(f"{GRADER_PREFIX}{nonce}:")] = payload.get("value")
-            elif not mine and not name.startswith(GRADER_PREFIX) and _norm(cell.source) in trusted:
-                student[name] = payload.get("value")
-            else:
-                ignored += 1
-    points, feedback = {}, []
-    for check in rubric.checks:
-        ok, why = False, ""
-        if check.kind == "hidden":
-            res = grader.get(f"hidden:{check.name}")
-            ok = isinstance(res, dict) and res.get("passed") is True
-            why = "hidden test did not run (the notebook stopped before it)" if res is None \
-                else res.get("error", "")
-        elif check.record not in student:
-            why = f"no record {check.record!r} from the lab's record cell"
-        else:
-            value = student[check.record]
-            if check.key is not None:
-                value = value.get(check.key) if isinstance(value, dict) else None
-            ok, why = _passes(value, check)
-            if ok and check.recompute:
-                res = grader.get(f"recompute:{check.name}") or {}
-                if "value" not in res:
-                    ok, why = False, f"could not recompute {check.recompute!r}: " \
-                                     f"{res.get('error', 'not run')}"
-                elif not _same(res["value"], student[check.record], check):
-                    ok, why = False, (f"recorded {student[check.record]!r} but {check.recompute}"
-                                      f" gives {res['value']!r}")
-        points[check.name] = float(check.points) if ok else 0.0
-        if not ok:
-            feedback.append(f"{check.name}: {check.feedback} ({why})".replace(" ()", ""))
-    return points, feedback, ignored
-
-
-def _reason(failure, timeout_s: float) -> tuple[str, str]:
+# --------------------------------------------------------------------------- running
+def _reason(failure, timeout_s: float, limits: Limits) -> tuple[str, str]:
     if failure is None:
         return "ok", ""
     where = f"cell {failure.cell_index}"
-    if failure.grader_cell:
-        where = f"{failure.grader_cell['role']} check {failure.grader_cell['check']!r} " \
-                f"(run before cell {failure.cell_index})"
     if failure.timed_out:
         return "timeout", f"timed out after {timeout_s:g} s in {where}"
-    return "error", f"{failure.ename} in {where}: {failure.evalue}"
+    hint = f" (the sandbox allows {limits.describe()})" \
+        if failure.ename in ("MemoryError", "DeadKernelError") else ""
+    return "error", f"{failure.ename} in {where}" + (f": {failure.evalue}" if failure.evalue
+                                                     else "") + hint
 
 
-def grade_one(path: Path, rubric: Rubric, trusted: set[str], timeout_s: float,
-              params: dict, executed_dir: Path | None = None, given: set[str] | None = None,
-              kernel_name: str | None = None) -> dict:
-    """Run and score one submission; one CSV row (never raises for a broken submission).
+@dataclass
+class Batch:
+    """What every submission of one ``grade`` call shares."""
 
-    ``given``: the distributed notebook's cells (``given_sources``); code outside them is
-    scanned first (``tampering``) and a submission with findings is not run: status
-    ``flagged``, zero points, the findings as reason. ``kernel_name``: the kernel to run it in.
-    """
+    rubric: Rubric
+    timeout_s: float
+    params: dict
+    executed_dir: Path | None = None
+    sandboxed: bool = True
+    hidden: tuple[Path, ...] = ()  # paths no sandbox may show (submissions, grade file, ...)
+    mark: str = field(default_factory=lambda: secrets.token_hex(8))
+    trusted: set[str] = field(init=False)  # the record cells (normalized)
+    given: set[str] = field(init=False)  # every released code cell (normalized)
+    parameters_cell: str = field(init=False)  # the released parameters cell
+    graded: tuple[str, ...] = field(init=False)  # names the trusted interpreter takes
+
+    def __post_init__(self) -> None:
+        self.trusted, self.given = trusted_sources(self.rubric), given_sources(self.rubric)
+        _, self.parameters_cell, self.graded = _lab(self.rubric)
+
+    @property
+    def parameters(self) -> dict:
+        """The notebook parameters of every run: PROFILE="ci", the rubric's, the caller's."""
+        from labkit.course.runner import PROFILE_PARAMETER
+
+        return {PROFILE_PARAMETER: "ci", **self.rubric.parameters, **self.params}
+
+
+def _execute(nb, name: str, tmp: Path, batch: Batch):
+    """Run one submission's notebook in its kernel (sandboxed unless told otherwise); the
+    executed notebook, the failure (or None) and how many processes had to be killed after."""
     import nbformat
 
-    from labkit.course.runner import PROFILE_PARAMETER, execute
+    from labkit.course.kernels import prepare_kernel, remove_kernel, sandboxed_kernel, stop_kernel
+    from labkit.course.runner import execute
+    from labkit.processes import best_effort, kill_marked
 
-    row = {"submission": path.name}
-    nonce = secrets.token_hex(8)
-    flagged: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
-        work = Path(tmp) / "notebooks"
-        work.mkdir()
-        if DATA_DIR.is_dir():  # the lab's data, without the rubrics (answers, hidden checks)
-            shutil.copytree(DATA_DIR, Path(tmp) / "data",
-                            ignore=shutil.ignore_patterns(RUBRIC_DIR.name))
-        try:
-            nb = nbformat.read(path, as_version=4)
-        except Exception as exc:
-            nb, failure, status, reason = None, None, "error", f"unreadable notebook: {exc}"
-        if nb is not None and given is not None:
-            flagged = tampering(nb, given)
-        if flagged:
-            status = "flagged"
-            reason = ("not run: reaches for the grader, an instructor should look at it ("
-                      + "; ".join(flagged[:5]) + (" ..." if len(flagged) > 5 else "") + ")")
-            nb = None
-        elif nb is not None:
-            nbformat.write(prepare_submission(nb, rubric, nonce, trusted), work / path.name)
-            ex = execute(work / path.name, work / f"executed-{path.name}",
-                         parameters={PROFILE_PARAMETER: "ci", **rubric.parameters, **params},
-                         cwd=work, total_timeout_s=timeout_s, kernel_name=kernel_name)
-            failure = ex.failure
-            status, reason = _reason(failure, timeout_s)
-            try:
-                nb = nbformat.read(ex.output, as_version=4)
-            except Exception:
-                nb = nbformat.v4.new_notebook()
-            if executed_dir is not None:
-                executed_dir.mkdir(parents=True, exist_ok=True)
-                nbformat.write(nb, executed_dir / path.name)
-        points, feedback, ignored = score(nb or nbformat.v4.new_notebook(), rubric, nonce,
-                                          trusted)
-    if status == "ok" and not any(points.values()) and ignored == 0 and not _has_records(nb):
+    for cell in nb.cells:  # pre-filled outputs count for nothing
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    src, dst = tmp / name, tmp / f"executed-{name}"  # outside the box: the kernel cannot reach
+    nbformat.write(nb, src)
+    box, manager, env = None, None, {GRADE_MARK: batch.mark}
+    if batch.sandboxed:
+        box = make_box(tmp, "kernel")
+        kernel, manager = sandboxed_kernel(box, batch.rubric.limits, env, batch.hidden)
+        cwd = box.work
+    else:
+        kernel, cwd = prepare_kernel(env), tmp / "notebooks"
+        cwd.mkdir()
+    try:
+        ex = execute(src, dst, parameters=batch.parameters, cwd=cwd,
+                     total_timeout_s=batch.timeout_s, kernel_name=kernel, kernel_manager=manager)
+    finally:
+        if box is not None:
+            best_effort(lambda: stop_kernel(manager))
+            remove_kernel(kernel)
+        killed = remove_box(box) if box is not None else kill_marked(GRADE_MARK, batch.mark)
+    try:
+        out = nbformat.read(ex.output, as_version=4)
+    except Exception:  # noqa: BLE001 (no output notebook: nothing was recorded)
+        out = nbformat.v4.new_notebook()
+    if batch.executed_dir is not None:
+        batch.executed_dir.mkdir(parents=True, exist_ok=True)
+        nbformat.write(out, batch.executed_dir / name)
+    return out, ex.failure, killed
+
+
+def _wanted(batch: Batch, nb, failure, records: dict) -> dict[str, list[str]]:
+    """The trusted checks to run: hidden tests whose anchor cell ran before the notebook
+    stopped, recomputations of records that meet their check; ``{key: [role, code]}``."""
+    from labkit.course.runner import source_index
+    from labkit.course.trusted import ran
+
+    stop = None if failure is None else failure.cell_index
+    reached = [c.source for i, c in enumerate(nb.cells) if ran(c)
+               and (stop is None or source_index(nb, i) < stop)]
+    wanted = {}
+    for check in batch.rubric.checks:
+        if check.kind == "hidden" and (any(check.after in s for s in reached) if check.after
+                                       else failure is None):
+            wanted[f"hidden:{check.name}"] = ["hidden", check.code]
+        elif check.kind == "record" and check.recompute and check.record in records \
+                and passes(recorded(check, records), check)[0]:
+            wanted[f"recompute:{check.name}"] = ["recompute", check.recompute]
+    return wanted
+
+
+def _run(nb, name: str, tmp: Path, batch: Batch):
+    """Run a submission that passed the scan: its kernel, and meanwhile its trusted interpreter
+    (started at once, so its set-up overlaps the notebook), asked for the checks the notebook
+    reached. ``(status, reason, records, ignored, answers, processes killed)``."""
+    from labkit.course.trusted import TrustedChecks, definitions
+
+    checks = None
+    if any(c.kind == "hidden" or c.recompute for c in batch.rubric.checks):
+        checks = TrustedChecks(tmp, {"parameters": batch.parameters_cell, "overrides":
+                                     batch.parameters, "setup": batch.rubric.setup},
+                               sandboxed=batch.sandboxed, limits=batch.rubric.limits,
+                               setup_timeout_s=batch.timeout_s, hidden=batch.hidden)
+    answers: dict = {}
+    try:
+        nb, failure, killed = _execute(nb, name, tmp, batch)
+        records, ignored = student_records(nb, batch.trusted)
+        if checks is not None and (wanted := _wanted(batch, nb, failure, records)):
+            answers = checks.run({"definitions": definitions(nb, batch.graded),
+                                  "graded": batch.graded, "records": records, "checks": wanted},
+                                 list(wanted), batch.rubric.check_timeout_s or CHECK_TIMEOUT_S)
+    finally:
+        if checks is not None:
+            checks.close()
+    killed += 0 if checks is None else checks.killed
+    return (*_reason(failure, batch.timeout_s, batch.rubric.limits), records, ignored, answers,
+            killed)
+
+
+def grade_one(path: Path, batch: Batch) -> dict:
+    """Run and score one submission; one CSV row (never raises for a broken submission)."""
+    import nbformat
+
+    records, ignored, answers, killed, status, reason = {}, 0, {}, 0, "ok", ""
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as exc:  # noqa: BLE001 (a broken file is a graded row)
+        nb, status, reason = None, "error", f"unreadable notebook: {exc}"
+    flagged = tampering(nb, batch.given) if nb is not None else []
+    if flagged:
+        status = "flagged"
+        reason = ("not run: reaches for the grader, an instructor should look at it ("
+                  + "; ".join(flagged[:5]) + (" ..." if len(flagged) > 5 else "") + ")")
+    elif nb is not None:
+        with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
+            status, reason, records, ignored, answers, killed = _run(nb, path.name, Path(tmp),
+                                                                     batch)
+    points, feedback = score(batch.rubric, records, answers)
+    if status == "ok" and not any(points.values()) and not records and not ignored:
         status, reason = "no-records", "the notebook recorded nothing (record cells missing?)"
     if ignored:
         feedback.append(f"ignored {ignored} record(s) not emitted by the lab's own record cells")
+    if killed:
+        feedback.append(f"killed {killed} process(es) it left running")
     if flagged:
         feedback = []
-    row.update(status=status, total=sum(points.values()), max=float(rubric.max_points), **points,
-               reason=reason, feedback="; ".join(feedback))
-    return row
-
-
-def _has_records(nb) -> bool:
-    return nb is not None and any(cell_records(c) for c in nb.cells)
+    reason = reason if batch.sandboxed else "; ".join(filter(None, [reason, UNSAFE]))
+    return {"submission": path.name, "status": status, "total": sum(points.values()),
+            "max": float(batch.rubric.max_points), **points, "reason": reason,
+            "feedback": "; ".join(feedback)}
 
 
 def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
           timeout_s: float | None = None, rubric: Rubric | str | Path | None = None,
-          params: dict | None = None):
+          params: dict | None = None, sandbox: bool = True):
     """Grade every ``*.ipynb`` in ``submission_dir`` against the lab's rubric; write ``out_csv``.
 
     One row per submission: submission, status (ok / error / timeout / no-records / flagged),
     total, max, one column of points per check, reason (why the run stopped, or what a flagged
     submission reached for) and feedback (lost points). ``timeout_s`` (default: the rubric's)
     bounds each notebook's run in seconds, kernel start included. Executed copies go to
-    ``<out_csv stem>_executed/``. Each kernel carries a per-run mark in its environment; after
-    each submission, processes with that mark still running (a detached child, a Ray cluster
-    of a notebook that timed out) are killed. Returns the rows as a DataFrame.
+    ``<out_csv stem>_executed/``. ``sandbox=False`` runs submissions with the grader's own
+    rights (trusted work only: every row says so); with ``sandbox=True`` and no sandbox here
+    (``labkit.course.sandbox.unavailable``) it raises RuntimeError. Returns the rows as a
+    DataFrame.
     """
     import pandas as pd
 
+    if sandbox and (why := unavailable()):
+        raise RuntimeError(f"cannot grade in a sandbox here: {why}; pass --no-sandbox "
+                           "(sandbox=False) to grade trusted submissions without isolation")
     rub = rubric if isinstance(rubric, Rubric) else load_rubric(rubric or lab)
     subs = sorted(Path(submission_dir).glob("*.ipynb"))
     if not subs:
         raise FileNotFoundError(f"no *.ipynb submissions in {str(submission_dir)!r}")
-    from labkit.course.kernels import prepare_kernel, remove_kernel
-    from labkit.processes import kill_marked
-
-    trusted, given = trusted_sources(rub), given_sources(rub)
     out_csv = Path(out_csv)
     executed = out_csv.with_name(f"{out_csv.stem}_executed")
-    mark = secrets.token_hex(8)
-    kernel = prepare_kernel({GRADE_MARK: mark})
-    rows = []
-    try:
-        for p in subs:
-            row = grade_one(p, rub, trusted, timeout_s or rub.timeout_s, params or {}, executed,
-                            given, kernel)
-            if (left := kill_marked(GRADE_MARK, mark)):
-                row["feedback"] = "; ".join(filter(None, [
-                    row["feedback"], f"killed {left} process(es) it left running"]))
-            rows.append(row)
-    finally:
-        remove_kernel(kernel)
+    hidden = tuple({Path(submission_dir), executed, out_csv.parent, Path(rub.notebook).parent})
+    batch = Batch(rub, timeout_s or rub.timeout_s, params or {}, executed, sandbox, hidden)
+    rows = [grade_one(p, batch) for p in subs]
     columns = ["submission", "status", "total", "max", *[c.name for c in rub.checks],
                "reason", "feedback"]
     df = pd.DataFrame(rows, columns=columns)

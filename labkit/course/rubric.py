@@ -8,8 +8,12 @@ own functions) or for a hidden test (``kind = "hidden"``: code from the rubric o
 (``[[quiz]]`` tables, ``labkit.quiz``) become record checks with ``op = "quiz"``: the answer
 variable's record against the key, the feedback the key's explanation. ``load_rubric`` rejects a
 rubric with an unknown field, kind or op, a missing field, a reserved or duplicate name, or code
-that does not compile, and names the file, the check and the field. ``labkit.course.grading``
-runs and scores submissions against it; the format is in data/rubrics/README.md.
+that does not compile, and names the file, the check and the field. A rubric may also give
+``setup`` (code the trusted interpreter runs before the checks, to rebuild the notebook state
+its checks refer to), ``check_timeout_s`` (the time limit of each of those checks) and
+``[limits]`` (the sandbox's ``labkit.course.sandbox.Limits``).
+``labkit.course.grading`` runs and scores submissions against it; the format is in
+data/rubrics/README.md.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.config import NOTEBOOKS_DIR, RUBRIC_DIR
+from labkit.course.sandbox import Limits, limits_from
 from labkit.quiz import Key, keys_from
 
 NOTEBOOK_TIMEOUT_S = 600.0  # default time limit of one submission's run (seconds)
@@ -62,6 +67,9 @@ class Rubric:
     timeout_s: float = NOTEBOOK_TIMEOUT_S
     parameters: dict = field(default_factory=dict)
     closing: dict = field(default_factory=dict)  # the closing question and its model answer
+    setup: str = ""  # code the trusted interpreter runs first (names its checks refer to)
+    limits: Limits = field(default_factory=Limits)  # the sandbox's memory, CPU and processes
+    check_timeout_s: float | None = None  # limit of one hidden test or recomputation (s)
 
     @property
     def max_points(self) -> float:
@@ -161,6 +169,14 @@ def load_rubric(lab_or_path: int | str | Path) -> Rubric:
     if closing and set(closing) != {"question", "model_answer"}:
         raise ValueError(f"{path.name}: [closing] needs exactly 'question' and 'model_answer', "
                          f"got {sorted(closing)}")
+    setup = data.get("setup", "")
+    try:
+        compile(setup, f"<{path.name} setup>", "exec")
+    except SyntaxError as exc:
+        raise ValueError(f"{path.name} setup: Python syntax error on line {exc.lineno}: "
+                         f"{exc.msg}") from None
     return Rubric(str(data["lab"]), nb_path, checks,
                   float(data.get("timeout_s", NOTEBOOK_TIMEOUT_S)),
-                  dict(data.get("parameters", {})), closing)
+                  dict(data.get("parameters", {})), closing, setup,
+                  limits_from(data.get("limits", {}), f"{path.name} [limits]"),
+                  float(data["check_timeout_s"]) if "check_timeout_s" in data else None)

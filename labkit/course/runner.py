@@ -32,7 +32,6 @@ from pathlib import Path
 from labkit.config import LAB_NOTEBOOKS, NOTEBOOKS_DIR
 from labkit.course.kernels import prepare_kernel
 from labkit.course.report import plots_of, render_report
-from labkit.records import GRADER_KEY
 
 INJECTED_TAG = "injected-parameters"  # papermill's tag for the cell it adds
 ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag for the error banners it adds
@@ -52,7 +51,6 @@ class Failure:
     evalue: str
     traceback: str = ""
     timed_out: bool = False
-    grader_cell: dict | None = None  # metadata of a grader-injected cell, if that one failed
 
     def describe(self) -> str:
         where = f"cell {self.cell_index}" if self.cell_index is not None else "kernel"
@@ -70,12 +68,14 @@ class Execution:
 
 
 def _is_counted(cell) -> bool:
-    """True for cells of the original notebook (not papermill's or the grader's additions)."""
+    """True for cells of the original notebook (not papermill's additions)."""
     tags = cell.get("metadata", {}).get("tags", [])
-    return INJECTED_TAG not in tags and ERROR_TAG not in tags and GRADER_KEY not in cell.metadata
+    return INJECTED_TAG not in tags and ERROR_TAG not in tags
 
 
-def _source_index(nb, pos: int) -> int:
+def source_index(nb, pos: int) -> int:
+    """The index of executed cell ``pos`` in the notebook as its author sees it (papermill's
+    injected-parameters cell and error banners not counted)."""
     return sum(1 for c in nb.cells[:pos] if _is_counted(c))
 
 
@@ -99,17 +99,19 @@ def locate_failure(nb, exc: BaseException) -> Failure:
     if pos is None:
         return Failure(None, "", ename, evalue, _ANSI.sub("", tb), timed_out)
     cell = nb.cells[pos]
-    return Failure(_source_index(nb, pos), cell.source, ename, evalue, _ANSI.sub("", tb),
-                   timed_out, dict(cell.metadata.get(GRADER_KEY, {})) or None)
+    return Failure(source_index(nb, pos), cell.source, ename, evalue, _ANSI.sub("", tb),
+                   timed_out)
 
 
 def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Path,
             cell_timeout_s: float | None = None, total_timeout_s: float | None = None,
-            kernel_name: str | None = None) -> Execution:
+            kernel_name: str | None = None, kernel_manager=None) -> Execution:
     """Run ``src`` with papermill into ``dst``; never raises for errors inside the notebook.
 
     ``cell_timeout_s`` bounds each cell, ``total_timeout_s`` the whole run in seconds, counted
     from this call (kernel start-up included; papermill also bounds start-up by 60 s).
+    ``kernel_manager``: a jupyter_client kernel manager to start the kernel with (the grader's
+    sandboxed one, ``labkit.course.kernels.sandboxed_kernel``), else papermill makes its own.
     """
     import nbformat
     import papermill as pm
@@ -130,7 +132,7 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
         pm.execute_notebook(str(src), str(dst), parameters=parameters,
                             resources={"metadata": {"path": str(cwd)}},
                             kernel_name=kernel_name, language="python", progress_bar=False,
-                            log_output=False,
+                            log_output=False, km=kernel_manager,
                             timeout_func=timeout_for, shutdown_kernel="immediate")
         return Execution(True, time.perf_counter() - t0, Path(dst))
     except Exception as exc:  # a notebook error, a timeout or a dead kernel: report, go on
