@@ -4,8 +4,9 @@ The batch holds the solution (full marks, also with a comment added to its recor
 untouched student version (only the set-up point), one that raises (keeps what it earned before
 the error), one that loops forever (timeout), one whose hidden test hangs (only that check
 fails), one that forges records at run time (no points for them) and one whose code reaches for
-the grader (flagged, not run). Rubric validation and the repository's own rubrics are checked
-without running anything.
+the grader (flagged, not run). It runs in the sandbox (skipped where none can be had); the
+hostile submissions are in test_hostile_grading.py. Rubric validation, the release's cell
+numbers and the repository's own rubrics are checked without running anything.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from labkit.config import RUBRIC_DIR
 from labkit.course.assign import make_student_notebooks
 from labkit.course.grading import record_cells
 from labkit.course.rubric import load_rubric
+from labkit.course.sandbox import unavailable
 from labkit.records import RECORD_MIME
 
 FORGERY = '''import labkit
@@ -43,6 +45,8 @@ def _cell_index(nb, text: str) -> int:
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory) -> pd.DataFrame:
     """The batch graded once: a kernel per submission, so the tests that use it are slow."""
+    if (why := unavailable()) is not None:
+        pytest.skip(f"no sandbox here: {why}")
     tmp = tmp_path_factory.mktemp("grading")
     solution, rubric = write_fixture_lab(tmp / "lab")
     [student] = make_student_notebooks(tmp / "lab", tmp / "release", pattern="99_*.ipynb")
@@ -193,6 +197,21 @@ def test_hidden_check_without_code_or_labelled_block_is_refused(tmp_path):
     rubric.write_text(rubric.read_text().replace('name = "add_hidden"', 'name = "nowhere"'))
     with pytest.raises(ValueError, match="BEGIN HIDDEN TESTS nowhere"):
         load_rubric(rubric)
+
+
+def test_the_release_has_no_papermill_cell_so_reports_count_cells_as_students_do(tmp_path):
+    solution, _ = write_fixture_lab(tmp_path / "lab")
+    nb = nbformat.read(solution, as_version=4)
+    injected = new_code_cell('# Parameters\nPROFILE = "ci"')
+    injected.metadata["tags"] = ["injected-parameters"]           # a committed papermill run
+    nb.cells.insert(2, injected)
+    nbformat.write(nb, solution)
+    [student] = make_student_notebooks(tmp_path / "lab", tmp_path / "rel", pattern="99_*.ipynb")
+    cells = nbformat.read(student, as_version=4).cells
+    assert [c.source for c in cells if c.cell_type == "code"][1] == "import labkit\n" \
+        "from labkit.config import resolve_profile\nPROFILE = resolve_profile(PROFILE)\n" \
+        'labkit.record("profile_ok", PROFILE in ("ci", "full"))'
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in cells)
 
 
 RUBRICS = sorted(RUBRIC_DIR.glob("lab*.toml"))
