@@ -55,8 +55,12 @@ print(f"prefix caching {sys.argv[1]}: TTFT p50 after the first {doc['ttft_p50_af
 PY
   done
   ;;
-serve)    # vLLM behind labkit serve, closed-loop load up to 256 concurrent clients
+serve)    # vLLM behind labkit serve: closed loop up to 256 clients, then open loop against an SLO
   log serve
+  for t in 16 64; do  # the load generator's own ceiling on this machine's CPU
+    python3 -m labkit.bench.ceiling --output-tokens $t --num-requests 800 --concurrency 64 \
+      > "$out/load_generator_ceiling_$t.json"
+  done
   $L serve --engine vllm --model synthetic-1b --no-cache --port 8011 --max-batch-size 256 > "$out/serve_server.log" 2>&1 &
   pid=$!
   python3 -c "
@@ -68,6 +72,9 @@ for _ in range(240):
         time.sleep(1)"
   timeout 600 $L bench serve --url http://127.0.0.1:8011 --model synthetic-1b \
     --concurrencies 1,16,64,256 --num-requests 512 --json "$out/serve_vllm_synthetic-1b.json"
+  timeout 900 $L bench serve --url http://127.0.0.1:8011 --model synthetic-1b \
+    --request-rates 4,8,16,32,64,128 --duration-s 20 --slo mlperf-8b-interactive \
+    --json "$out/serve_open_vllm_synthetic-1b.json"
   kill $pid; wait $pid 2>/dev/null ;;
 labs)     # every notebook, full profile, vLLM where a lab uses an engine; then the timing labs
   log labs
