@@ -65,12 +65,16 @@ def test_magnitude_mask_prunes_the_exact_count_even_with_tied_values():
 
 
 def test_magnitude_mask_of_a_whole_model_is_exact_too():
-    # over 2**22 weights the threshold is bracketed from a sample first: the count stays exact
+    # over 2**16 weights the threshold is bracketed from a sample first: the count stays exact
     w = torch.randint(-50, 51, (5_000_000,), generator=torch.Generator().manual_seed(0)).float()
     for sparsity in (0.3, 0.999):
         keep = prune.magnitude_mask(w, sparsity)
         assert int((~keep).sum()) == round(sparsity * w.numel())
         assert w[~keep].abs().max() <= w[keep].abs().min()
+    w = torch.ones(5_000_000)
+    w[::5_000_000 >> 16] = 0.0  # the strided sample sees only zeros: its bracket misses
+    keep = prune.magnitude_mask(w, 0.5)
+    assert int((~keep).sum()) == 2_500_000 and bool((w[keep] == 1).all())
 
 
 def test_bad_sparsity_names_the_value_and_the_range():
