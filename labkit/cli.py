@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "else hf-cb)")
     p.add_argument("--repeat-fraction", type=_number(float, at_least=0),
                    help="cache: repeated share, in [0, 1)")
-    p.add_argument("--methods", help="quant: comma-separated methods (default: all)")
+    p.add_argument("--methods", help="quant: methods, e.g. int8-wo,magnitude-50,2:4 (default: all)")
     p.add_argument("--decode-speed", action="store_true", help="quant: batch-1 decode speed "
                    "per weight format on the compiled static-cache path (GPU; no perplexity)")
     serve_cli_args(p)
