@@ -28,7 +28,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # pass 10-20x slower. PASSIVE lets waiting threads sleep.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup sandbox lab test test-fast jupyter student clean
+.PHONY: setup sandbox lab notebooks test test-fast jupyter student clean
 
 setup: $(STAMP) sandbox
 	@$(VENV)/bin/labkit model smollm2-135m >/dev/null
@@ -52,6 +52,11 @@ $(STAMP): pyproject.toml
 
 lab: setup
 	$(VENV)/bin/labkit run --profile $(PROFILE)
+
+# Maintainers: re-execute every lab (ci profile) and write the outputs back into notebooks/,
+# without papermill's parameters cell, for nbval to compare against.
+notebooks: setup
+	$(VENV)/bin/labkit run --profile ci --publish
 
 test: setup
 	$(PY) -m pytest

@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 
-from labkit import cli, metrics
+from labkit import metrics
+from labkit.cli.commands import int_list
 from labkit.bench import latency, loadgen, workloads
 from labkit.engines.base import Completion, Request, now
 from labkit.metrics import STATS_KEYS
@@ -141,7 +142,7 @@ def test_bad_workload_arguments_name_the_allowed_values():
     with pytest.raises(ValueError, match="choose one of: fixed, uniform, lognormal"):
         workloads.make_workload(4, output_len_dist="normal")
     with pytest.raises(ValueError, match="32,128"):
-        cli.int_list("32,abc")
+        int_list("32,abc")
 
 
 def test_prompts_file_has_varied_lengths_and_categories():
@@ -249,3 +250,17 @@ def test_latency_and_decode_benches_never_repeat_a_prompt(bundled_tokenizer, mon
     assert len(prompts) == 2 * (1 + 3) + 2 * (1 + 4)
     assert len(set(prompts)) == len(prompts)
     assert _shared_prefix_tokens(bundled_tokenizer, prompts) < 8
+
+
+def test_latency_bench_interleaves_the_shapes(bundled_tokenizer, monkeypatch):
+    # round robin: a burst of load on a shared machine hits every shape, not one
+    from fakes import FakeEngine
+
+    engine = FakeEngine(tokens=4, step_s=0.0, tokenizer=bundled_tokenizer)
+    monkeypatch.setattr(latency, "roofline_fields", lambda *a, **k: {})
+    monkeypatch.setattr(latency, "engine_device", lambda eng: "cpu")
+    doc = latency.run_latency_bench(engine, num_requests=3, prompt_lens=(16,), out_lens=(2, 3),
+                                    warmup=0, progress=False)
+    assert [r.max_tokens for r in engine.received] == [2, 3] * 3  # warmup=0: no warm-up calls
+    for run in doc["runs"]:
+        assert run["num_requests"] == 3 and run["duration_s"] > 0

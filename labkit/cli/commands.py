@@ -1,0 +1,196 @@
+"""What each ``labkit`` command does once its arguments are parsed (``labkit.cli.parser``).
+
+Every ``cmd_*`` takes the parsed arguments and returns the exit status; heavy modules (engines,
+benches, the grader) are imported inside, so ``labkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from labkit.course.runner import parse_params
+
+
+def cmd_doctor(args) -> int:
+    from labkit.doctor import doctor, format_report
+
+    facts = doctor(check_redis=not args.no_redis)
+    print(json.dumps(facts, indent=2) if args.json else format_report(facts))
+    return 0
+
+
+def cmd_model(args) -> int:
+    from labkit.models import resolve
+
+    ref = resolve(args.name)
+    print(json.dumps({"name": ref.name, "path": ref.path, "kind": ref.kind}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from labkit.engines import Request, get_engine
+
+    engine = get_engine(args.engine, model=args.model)
+    if args.raw:
+        req = Request(prompt=args.prompt, max_tokens=args.max_tokens,
+                      temperature=args.temperature)
+    else:
+        req = Request(messages=[{"role": "user", "content": args.prompt}],
+                      max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.warmup:
+        engine.warmup()
+
+    def show(_i, _tok, delta, _t):
+        print(delta, end="", flush=True)
+
+    [c] = engine.generate([req], on_token=show)
+    engine.close()
+    print()
+    tps = (c.output_tokens - 1) / (c.token_times_s[-1] - c.token_times_s[0]) \
+        if c.output_tokens > 1 else float("nan")
+    print(f"[{engine.name} | {args.model}] {c.prompt_tokens} prompt tokens, "
+          f"{c.output_tokens} output tokens ({c.finish_reason}); "
+          f"TTFT {c.ttft_s * 1e3:.1f} ms, decode {tps:.1f} tokens/s, "
+          f"E2E {c.e2e_s * 1e3:.1f} ms", file=sys.stderr if args.timings_to_stderr else sys.stdout)
+    return 0
+
+
+def _engine_kwargs(args) -> dict:
+    """Engine options given on the command line (only those set)."""
+    kw = {}
+    if args.static_cache:
+        kw["static_cache"] = True
+    if args.compile:
+        kw["compile"] = True
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
+    if args.prefix_caching is not None:
+        kw["enable_prefix_caching"] = args.prefix_caching == "on"
+    if args.quantization:
+        kw["quantization"] = args.quantization
+    return kw
+
+
+def int_list(text: str) -> list[int]:
+    """``"32,128,512"`` -> ``[32, 128, 512]`` (positive integers), else a ValueError naming it."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 32,128; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers like 32,128; got {text!r}")
+    return values
+
+
+def _ints(text: str | None) -> list[int] | None:
+    """``int_list(text)``, or None for an option that was not given."""
+    return None if text is None else int_list(text)
+
+
+def _given(**options) -> dict:
+    """The options that were given (not None), so each bench's own defaults apply to the rest."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def cmd_bench(args) -> int:
+    from labkit.metrics import json_text, write_json
+
+    kind, json_path = args.kind, args.json
+    if kind == "latency":
+        from labkit.bench.latency import run_latency_bench
+
+        doc = run_latency_bench(args.engine, args.model, **_given(
+            num_requests=args.num_requests,
+            prompt_lens=_ints(args.prompt_lens), out_lens=_ints(args.out_lens)),
+            **_engine_kwargs(args))
+    elif kind == "batching":
+        from labkit.bench.batching import run_batching_bench
+
+        doc = run_batching_bench(engine=args.engine, model=args.model, **_given(
+            batch_sizes=_ints(args.batch_sizes), concurrencies=_ints(args.concurrencies),
+            num_requests=args.num_requests, continuous_engine=args.continuous_engine))
+    elif kind == "cache":
+        from labkit.bench.caching import run_cache_bench
+
+        doc = run_cache_bench(args.engine, args.model, **_given(
+            num_requests=args.num_requests, repeat_fraction=args.repeat_fraction))
+    elif kind == "quant":
+        from labkit.bench.quant import run_decode_speed_bench, run_quant_bench
+
+        methods = args.methods.split(",") if args.methods else None
+        if args.decode_speed:
+            doc = run_decode_speed_bench(args.model, **_given(methods=methods))
+        else:
+            doc = run_quant_bench(args.model, methods=methods)
+    else:  # serve
+        from labkit.bench.serve import from_args
+
+        doc = from_args(args, _ints(args.concurrencies))
+    if json_path:
+        write_json(doc, json_path)
+        print(f"wrote {json_path}", file=sys.stderr)
+    else:
+        print(json_text(doc))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from labkit.course.runner import run_labs
+
+    result = run_labs(args.notebooks or None, profile=args.profile,
+                      params=parse_params(args.param), out_dir=args.out,
+                      timeout_s=args.timeout, gpus=args.gpus)
+    print(f"report: {result.report}")
+    if args.publish:
+        from labkit.course.publish import publish
+
+        for lab in result.labs:
+            if lab.status == "ok":
+                print(f"published {publish(lab.output, lab.notebook)}")
+    if not result.ok:
+        print(result.failure_message(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_assign(args) -> int:
+    from labkit.course.assign import make_student_notebooks
+
+    for path in make_student_notebooks(args.src, args.out):
+        print(path)
+    if args.answer_key:
+        from labkit.course.answer_key import answer_key
+
+        Path(args.answer_key).write_text(answer_key(args.src) + "\n")
+        print(args.answer_key)
+    return 0
+
+
+def cmd_grade(args) -> int:
+    from labkit.course.grading import grade
+
+    frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.timeout,
+                  rubric=args.rubric, params=parse_params(args.param), sandbox=not args.no_sandbox)
+    print(frame[["submission", "status", "total", "max", "reason"]].to_string(index=False))
+    print(f"grades: {args.out}")
+    return 0  # failing submissions are graded rows in the CSV, not a failed command
+
+
+def cmd_serve(args) -> int:
+    if args.ray:
+        from labkit.serving.deploy import serve_ray
+
+        serve_ray(model=args.model, engine=args.engine, replicas=args.replicas, host=args.host,
+                  port=args.port, cache=not args.no_cache, max_batch_size=args.max_batch_size,
+                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+        return 0
+    from labkit.serving.http import serve
+
+    serve(engine=args.engine, model=args.model, host=args.host, port=args.port,
+          cache=not args.no_cache, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+    return 0
+
+
