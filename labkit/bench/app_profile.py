@@ -11,7 +11,8 @@ Times are seconds (``perf_counter``), stalls milliseconds. The split adds up per
 prefill is call start to its first token, decode the rest of the call; "discarded" decode is the
 part of a call after every request in it had produced the tokens its caller got back. For an
 engine that runs calls side by side (continuous engines) the engine times overlap and can sum to
-more than the wall time.
+more than the wall time. The run is also a trial of the app (``AppProfile.measurement``): the
+watching adds a time stamp per engine call, and a ticker that a blocked loop never runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from labkit.bench.capstone import AppFactory, CapstoneWorkload
+from labkit.bench.capstone import AppFactory, CapstoneWorkload, Measurement
 from labkit.engines.base import Completion, Engine, now
 from labkit.engines.counting import CountingEngine
 
@@ -53,7 +54,8 @@ class TimedEngine(CountingEngine):
 
 @dataclass(frozen=True)
 class AppProfile:
-    """One profiled run (see the module doc). Seconds unless named otherwise."""
+    """One profiled run (see the module doc). Seconds unless named otherwise; ``measurement``
+    is the run as a trial of the app (``Ledger(..., first=...)`` counts it as one)."""
 
     wall_s: float
     prefill_s: float
@@ -67,6 +69,7 @@ class AppProfile:
     tokens_returned: int
     max_loop_stall_ms: float
     shortest_call_s: float
+    measurement: Measurement
 
     @property
     def engine_s(self) -> float:
@@ -149,4 +152,6 @@ def profile_app(factory: AppFactory, engine: Engine, workload: CapstoneWorkload,
         tokens_generated=sum(c.output_tokens for call in timed.calls for c in call.completions),
         tokens_returned=sum(c.output_tokens for c in completions),
         max_loop_stall_ms=stall_s * 1000,
-        shortest_call_s=min((c.end_s - c.start_s for c in timed.calls), default=0.0))
+        shortest_call_s=min((c.end_s - c.start_s for c in timed.calls), default=0.0),
+        measurement=Measurement([trial], {r.request_id: c for r, c in
+                                          zip(workload.requests, completions)}))

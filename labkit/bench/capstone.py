@@ -35,11 +35,12 @@ from typing import Protocol
 from labkit.config import by_profile, choose
 from labkit.engines.base import Completion, Engine, Request, encode_request
 from labkit.metrics import summarize
+from labkit.serving.baseline import APP_MAX_TOKENS, BaselineApp
 
 SPEEDUP_THRESHOLDS = {"ci": 1.5, "full": 3.0}  # final over baseline throughput, for full points
 DEFAULT_TRIALS = {"ci": 3, "full": 5}  # trials per step in the notebook
-CI_PROMPTS = ("What does a CPU cache do?", "Name two planets with rings.",
-              "List three prime numbers.", "What is the capital of France?")
+CI_PROMPTS = ("What does a CPU cache do?", "What is the capital of France?",
+              "List three prime numbers.")
 
 
 class App(Protocol):
@@ -95,7 +96,7 @@ def _identity(request: Request) -> tuple:
 
 
 def capstone_workload(profile: str) -> CapstoneWorkload:
-    """The capstone workload of a profile (``ci``: 8 requests over 4 questions, for 2 CPU cores;
+    """The capstone workload of a profile (``ci``: 9 requests over 3 questions, for 2 CPU cores;
     ``full``: 48 over 16, for a GPU). Questions come from data/prompts.jsonl."""
     from labkit.bench.workloads import load_prompts
 
@@ -105,15 +106,15 @@ def capstone_workload(profile: str) -> CapstoneWorkload:
     if missing:
         raise ValueError(f"data/prompts.jsonl lacks the capstone's questions {missing}")
     questions = by_profile(profile, ci=list(CI_PROMPTS), full=short[:16])
-    copies = by_profile(profile, ci=2, full=3)
+    copies = by_profile(profile, ci=3, full=3)
     lengths = by_profile(profile, ci=(4, 8), full=(16, 32, 64))
     requests = tuple(
         Request(messages=[{"role": "user", "content": q}], max_tokens=lengths[i % len(lengths)],
                 request_id=f"cap-{c * len(questions) + i}")
         for c in range(copies) for i, q in enumerate(questions))
     return CapstoneWorkload(f"capstone-{profile}", requests, math.inf,
-                            {"e2e_s": by_profile(profile, ci=3.0, full=2.0)},
-                            by_profile(profile, ci=12, full=128))
+                            {"e2e_s": by_profile(profile, ci=6.0, full=2.0)},
+                            by_profile(profile, ci=APP_MAX_TOKENS, full=128))
 
 
 def default_engine(profile: str) -> str:
@@ -190,8 +191,6 @@ _BASELINES: dict[tuple[Engine, str], Measurement] = {}  # (engine, workload name
 
 def baseline_factory(workload: CapstoneWorkload) -> AppFactory:
     """The factory of the workload's baseline app (``BaselineApp`` at its generation length)."""
-    from labkit.serving.baseline import BaselineApp
-
     return lambda engine: BaselineApp(engine, workload.baseline_max_tokens)
 
 

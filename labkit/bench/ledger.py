@@ -83,9 +83,17 @@ def row_counts(row: Mapping) -> bool:
 class Ledger:
     """The optimization ledger of one run (see the module doc); the baseline is measured here."""
 
-    def __init__(self, engine: Engine, workload: CapstoneWorkload, trials: int) -> None:
+    def __init__(self, engine: Engine, workload: CapstoneWorkload, trials: int,
+                 first: Measurement | None = None) -> None:
+        """``trials`` per step (>= 1). ``first``: baseline trials already measured on this
+        engine and workload (the profiled run, ``profile_app(...).measurement``), counted as the
+        baseline's first ones; the rest are measured here."""
         self.engine, self.workload, self.trials = engine, workload, trials
-        self.baseline = measure(baseline_factory(workload), engine, workload, trials)
+        done = first or Measurement([])
+        more = trials - len(done.trials)
+        extra = measure(baseline_factory(workload), engine, workload, more) if more > 0 \
+            else Measurement([])
+        self.baseline = Measurement(done.trials + extra.trials, done.answers or extra.answers)
         remember_baseline(engine, workload, self.baseline)
         self.rows: list[LedgerRow] = []
         self.rows.append(self._row(BASELINE, "the application as given", BASELINE, self.baseline))

@@ -18,7 +18,7 @@ import dataclasses
 
 from labkit.engines.base import Completion, Engine, Request, truncate_at_stop
 
-APP_MAX_TOKENS = 12  # tokens the baseline generates for every request (the ci workload's value)
+APP_MAX_TOKENS = 10  # tokens the baseline generates per request (the ci capstone workload's)
 
 
 def cut_to_request(completion: Completion, request: Request, tokenizer) -> Completion:
