@@ -167,8 +167,9 @@ def profile_ops(fn: Callable[[], Any], top: int = 15, trace_path: str | Path | N
     for _ in range(warmup):
         fn()
     _sync(dev)
+    # one cycle: acc_events keeps torch from warning that a new cycle clears the old one's events
     with _without_kineto_banners(), torch.inference_mode(), \
-            profile(activities=activities, record_shapes=False) as prof:
+            profile(activities=activities, record_shapes=False, acc_events=True) as prof:
         start = time.perf_counter()
         fn()
         _sync(dev)

@@ -141,8 +141,8 @@ def kv_reuse_ttft(model, tokenizer, conversations: Sequence[list[dict]]) -> list
                 keep += 1
             if keep == 0:
                 cache = None
-            else:
-                cache.crop(keep)
+            elif keep < len(held):
+                cache.crop(keep - len(held))  # drop the tokens after the shared ones
             out = model(torch.tensor([ids[keep:]], device=model.device), past_key_values=cache,
                         use_cache=True)
             out.logits[0, -1].argmax().item()  # the first token, on the host

@@ -23,7 +23,7 @@ from pathlib import Path
 from labkit.bench.workloads import prompt_of_length
 from labkit.config import DEFAULT_MODEL
 from labkit.engines import as_engine, engine_device
-from labkit.engines.base import Engine, Request, now
+from labkit.engines.base import Engine, Request
 from labkit.metrics import bench_document, summarize, write_json
 
 
@@ -39,7 +39,10 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
     KV cache and CUDA graphs builds them per shape, and the first request of a new shape would
     otherwise carry that cost in its TTFT and TPOT. Every request, warm-ups included, has its own
     prompt (``distinct_prompts``), so prefix caching never shortens a prefill. ``num_requests``
-    per shape: 10 or more give percentiles that do not jump from run to run.
+    per shape: 10 or more give percentiles that do not jump from run to run. The timed requests
+    go round robin over the shapes, so a change in the machine's load (a shared CPU) hits every
+    shape alike instead of skewing one; a run's ``duration_s`` is the sum of its requests'
+    end-to-end times.
 
     One run named ``"latency"`` per (prompt length, output length) pair, with extra fields
     ``prompt_len`` (target prompt tokens), ``out_len`` (output tokens, ``ignore_eos``) and
@@ -56,21 +59,24 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
         for _ in range(warmup):
             eng.warmup()
         pairs = [(p, o) for p in prompt_lens for o in out_lens]
-        runs = []
-        bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
-        for prompt_len, out_len in pairs:
-            texts = distinct_prompts(eng.tokenizer, prompt_len, warmup + num_requests)
-            for text in texts[:warmup]:
+        texts = {pair: distinct_prompts(eng.tokenizer, pair[0], warmup + num_requests)
+                 for pair in pairs}
+        for (_, out_len), prompts in texts.items():
+            for text in prompts[:warmup]:
                 eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
-            done = []
-            start = now()
-            for text in texts[warmup:]:
-                [c] = eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
-                done.append(c)
+        done: dict[tuple[int, int], list] = {pair: [] for pair in pairs}
+        bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
+        for i in range(warmup, warmup + num_requests):  # round robin over the shapes
+            for pair in pairs:
+                request = Request(prompt=texts[pair][i], max_tokens=pair[1], ignore_eos=True)
+                done[pair] += eng.generate([request])
                 bar.update()
-            prompt_tokens = sum(c.prompt_tokens for c in done) / len(done)
-            run = summarize(done, now() - start, name="latency", batch_size=1, concurrency=1,
-                            prompt_len=prompt_len, out_len=out_len, prompt_tokens=prompt_tokens)
+        runs = []
+        for (prompt_len, out_len), completions in done.items():
+            prompt_tokens = sum(c.prompt_tokens for c in completions) / len(completions)
+            run = summarize(completions, sum(c.e2e_s for c in completions), name="latency",
+                            batch_size=1, concurrency=1, prompt_len=prompt_len, out_len=out_len,
+                            prompt_tokens=prompt_tokens)
             run.update(roofline_fields(eng, run["tpot_s"]["mean"], prompt_tokens + out_len / 2))
             runs.append(run)
         bar.close()
