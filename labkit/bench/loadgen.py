@@ -38,7 +38,8 @@ class LoadResult:
     ``duration_s``: wall time from the first send to the last answer (s). ``max_in_flight``:
     most requests sent to the server and not yet answered at once. ``mean_in_system``: time
     average of the requests due and not yet answered (requests; open loop: from each request's
-    dispatch, so a wait for a ``max_concurrency`` slot counts). ``send_delay_s``: per request,
+    scheduled send, so a wait for a ``max_concurrency`` slot or a late dispatch counts, as in
+    its latency). ``send_delay_s``: per request,
     the actual send time minus the scheduled one (s): the wait for a slot plus the load
     generator's own lateness (0 in closed loop, where a request is due when its client is
     free). ``late_s``: per request, how late the load generator dispatched it (s; open loop),
@@ -78,9 +79,11 @@ class _Count:
         self.area = 0.0
         self.since = now()
 
-    def change(self, delta: int) -> None:
+    def change(self, delta: int, since: float | None = None) -> None:
+        """Add ``delta`` requests now; ``since``: one arrived at that earlier time (s), so its
+        time in the system counts from then."""
         t = now()
-        self.area += self.now * (t - self.since)
+        self.area += self.now * (t - self.since) + (t - since if since is not None else 0.0)
         self.now, self.since = self.now + delta, t
         self.max = max(self.max, self.now)
 
@@ -172,7 +175,7 @@ async def open_loop(send: Sender, requests: Sequence[Request], rate: float, *,
 
     async def one(i: int, scheduled: float, req: Request) -> Completion:
         late[i] = now() - scheduled
-        system.change(+1)
+        system.change(+1, since=scheduled)  # due since its scheduled time, however late we are
         try:
             if slots is not None:
                 await slots.acquire()
