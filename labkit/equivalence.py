@@ -56,6 +56,18 @@ def divergence(model, prompt_ids: list[int], reference: list[int],
     return Divergence(step, pick(reference), pick(other), float(top[0] - top[1]))
 
 
+@torch.inference_mode()
+def smallest_top2_gap(model, prompt_ids: list[int], output: list[int]) -> float | None:
+    """The smallest logit(best) - logit(second best) over the steps that produced ``output``
+    from ``prompt_ids`` (one unbatched forward pass); None for an empty output. The smaller it
+    is, the closer that greedy output came to a flip under another batch shape (lab 02)."""
+    if not output:
+        return None
+    ids = torch.tensor([prompt_ids + output], device=model.device)
+    top = torch.topk(model(ids).logits[0, len(prompt_ids) - 1:-1].float(), 2).values
+    return float((top[:, 0] - top[:, 1]).min())
+
+
 def assert_same_or_near_tie(model, prompt_ids: list[int], reference: list[int],
                             other: list[int], eos_id: int | None = None,
                             label: str = "") -> Divergence | None:

@@ -14,14 +14,14 @@ plans them: sizes, workloads), one ``runs[]`` entry of the bench JSON contract e
   ``vllm``; a finished request leaves at once and a waiting one joins at the next step).
   TTFT and E2E of the closed-loop runs count from when the client sent the request.
 
-Interleaved rounds. On a shared machine the load changes from second to second, and it does not
-slow every setting alike: a batch-16 step keeps both cores in parallel regions that wait for
-each other, so it loses more to a competing process than a batch-1 step, whose time is mostly
-one thread's Python. A sweep that runs one setting after the other measures the load as much as
-the setting. Both functions therefore run in ``rounds``: each round runs every setting once (in
-reverse order every other round), and each setting's run pools its rounds. Every run also has
-``cpu_s``, the CPU seconds this process used, so ``cpu_s / duration_s`` shows how many cores
-the run really got.
+Interleaved rounds. On a shared machine the load changes from second to second: a burst of other
+work during one setting's run makes that setting look slower, so a sweep that runs one setting
+after the other measures the load as much as the setting. (On 2 pinned cores, two competing busy
+processes halved batch 1's and batch 16's tokens/s alike, 5.4x -> 5.0x apart, while their
+tokens per CPU-second stayed put.) Both functions therefore run in ``rounds``: each round runs
+every setting once (in reverse order every other round), and each setting's run pools its
+rounds. Every run also has ``cpu_s``, the CPU seconds this process used, so ``cpu_s /
+duration_s`` shows how many cores the run really got.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def default_sizes(profile: str) -> dict:
         profile,
         ci=dict(batch_sizes=[1, 4, 16], num_requests=16, output_tokens=32, max_batches=1,
                 rounds=3, concurrency=4, wide_requests=32, min_output_tokens=2,
-                max_output_tokens=64, wide_rounds=2, max_prompt_tokens=48),
+                max_output_tokens=96, wide_rounds=2, max_prompt_tokens=48),
         full=dict(batch_sizes=[1, 4, 16, 64, 256], num_requests=256, output_tokens=128,
                   max_batches=1, rounds=2, concurrency=64, wide_requests=256,
                   min_output_tokens=8, max_output_tokens=512, wide_rounds=1,
