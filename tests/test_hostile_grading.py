@@ -129,6 +129,15 @@ THREADS = '''import threading, time
 _threads = [threading.Thread(target=time.sleep, args=(60,), daemon=True) for _ in range(400)]
 for _t in _threads:
     _t.start()'''
+C_LOOP = '''def add(a, b):
+    if a < 0:
+        sum(range(10**13))       # one C call: no signal handler runs until it returns
+    return a + b'''
+EXITS = '''def add(a, b):
+    if a < 0:
+        import os
+        os._exit(0)              # ends the trusted interpreter, answer unsent
+    return a + b'''
 LIMITS = "\n[limits]\nmemory_mib = 2048\nprocesses = 128\n"
 
 
@@ -187,6 +196,8 @@ def batch(tmp_path_factory):
     write("a_network.ipynb", solution, before_record=NETWORK)
     write("a_memory.ipynb", solution, before_record=MEMORY)
     write("a_threads.ipynb", solution, before_record=THREADS)
+    write("a_c_loop.ipynb", student, C_LOOP)
+    write("a_exits.ipynb", student, EXITS)
     for victim in ("z_victim_copied", "z_victim_overwritten", "z_victim_late"):
         shutil.copy(solution, subs / f"{victim}.ipynb")
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in subs.iterdir()}
@@ -226,6 +237,16 @@ def test_stubs_and_forgeries_get_nothing_for_what_they_forged(batch, name):
 @needs_sandbox
 def test_a_forged_record_after_the_record_cell_disagrees_with_the_recomputation(batch):
     assert "recorded 7 but add(N, 4) gives 0" in _row(batch, "a_hook.ipynb").feedback
+
+
+@pytest.mark.slow
+@needs_sandbox
+@pytest.mark.parametrize("name, why", [("a_c_loop.ipynb", "TimeoutError: took longer than 5 s"),
+                                       ("a_exits.ipynb", "no answer from the trusted interpreter")])
+def test_a_check_that_never_answers_fails_alone(batch, name, why):
+    row = _row(batch, name)
+    assert (row.setup, row.add_n_4, row.add_hidden, row.add_floats) == (1, 3, 0, 2), row.feedback
+    assert why in row.feedback
 
 
 @pytest.mark.slow

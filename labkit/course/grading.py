@@ -110,10 +110,24 @@ class Batch:
     given: set[str] = field(init=False)  # every released code cell (normalized)
     parameters_cell: str = field(init=False)  # the released parameters cell
     graded: tuple[str, ...] = field(init=False)  # names the trusted interpreter takes
+    once: dict[str, list[str]] = field(init=False)  # trusted checks no student code enters
+    student_setup: bool = field(init=False)  # whether the other checks read the setup's names
+    once_checks: object = None  # the trusted interpreter of ``once`` (a TrustedChecks)
+    once_answers: dict | None = None  # its answers, once asked
 
     def __post_init__(self) -> None:
+        from labkit.course.trusted import names
+
         self.trusted, self.given = trusted_sources(self.rubric), given_sources(self.rubric)
         _, self.parameters_cell, self.graded = _lab(self.rubric)
+        setup_names = names(self.rubric.setup)[1]
+        self.once, self.student_setup = {}, False
+        for key, (role, code) in _trusted_checks(self.rubric).items():
+            reads = names(code, "exec" if role == "hidden" else "eval")[0]
+            if reads & {*self.graded, "records"}:
+                self.student_setup |= bool(reads & setup_names)
+            else:  # its value is the same for every submission: computed once per batch
+                self.once[key] = [role, code]
 
     @property
     def parameters(self) -> dict:
@@ -121,6 +135,30 @@ class Batch:
         from labkit.course.runner import PROFILE_PARAMETER
 
         return {PROFILE_PARAMETER: "ci", **self.rubric.parameters, **self.params}
+
+    @property
+    def check_timeout_s(self) -> float:
+        return self.rubric.check_timeout_s or CHECK_TIMEOUT_S
+
+    def trusted_checks(self, work: Path, setup: bool = True):
+        """A trusted interpreter (``labkit.course.trusted.TrustedChecks``) started in ``work``
+        with the lab's parameters and, if ``setup``, the rubric's setup."""
+        from labkit.course.trusted import TrustedChecks
+
+        return TrustedChecks(work, {"parameters": self.parameters_cell, "overrides":
+                                    self.parameters, "setup": self.rubric.setup if setup else ""},
+                             sandboxed=self.sandboxed, limits=self.rubric.limits,
+                             setup_timeout_s=self.timeout_s, hidden=self.hidden)
+
+    def once_answer(self) -> dict[str, dict]:
+        """The answers to ``once``, from the interpreter ``grade`` started for them (asked the
+        first time they are needed, then kept)."""
+        if self.once_answers is None:
+            self.once_answers = self.once_checks.run(
+                {"definitions": [], "graded": [], "records": {}, "checks": self.once},
+                list(self.once), self.check_timeout_s)
+            self.once_checks.close()
+        return self.once_answers
 
 
 def _execute(nb, name: str, tmp: Path, batch: Batch):
@@ -163,6 +201,14 @@ def _execute(nb, name: str, tmp: Path, batch: Batch):
     return out, ex.failure, killed
 
 
+def _trusted_checks(rubric: Rubric) -> dict[str, list[str]]:
+    """``{key: [role, code]}`` of a rubric's hidden tests and recomputations."""
+    return {**{f"hidden:{c.name}": ["hidden", c.code] for c in rubric.checks
+               if c.kind == "hidden"},
+            **{f"recompute:{c.name}": ["recompute", c.recompute] for c in rubric.checks
+               if c.kind == "record" and c.recompute}}
+
+
 def _wanted(batch: Batch, nb, failure, records: dict) -> dict[str, list[str]]:
     """The trusted checks to run: hidden tests whose anchor cell ran before the notebook
     stopped, recomputations of records that meet their check; ``{key: [role, code]}``."""
@@ -185,24 +231,24 @@ def _wanted(batch: Batch, nb, failure, records: dict) -> dict[str, list[str]]:
 
 def _run(nb, name: str, tmp: Path, batch: Batch):
     """Run a submission that passed the scan: its kernel, and meanwhile its trusted interpreter
-    (started at once, so its set-up overlaps the notebook), asked for the checks the notebook
-    reached. ``(status, reason, records, ignored, answers, processes killed)``."""
-    from labkit.course.trusted import TrustedChecks, definitions
+    (started at once, so its set-up overlaps the notebook; without the setup when its checks do
+    not need it), asked for the checks the notebook reached. ``(status, reason, records,
+    ignored, answers, processes killed)``."""
+    from labkit.course.trusted import definitions
 
-    checks = None
-    if any(c.kind == "hidden" or c.recompute for c in batch.rubric.checks):
-        checks = TrustedChecks(tmp, {"parameters": batch.parameters_cell, "overrides":
-                                     batch.parameters, "setup": batch.rubric.setup},
-                               sandboxed=batch.sandboxed, limits=batch.rubric.limits,
-                               setup_timeout_s=batch.timeout_s, hidden=batch.hidden)
+    mine = len(_trusted_checks(batch.rubric)) > len(batch.once)
+    checks = batch.trusted_checks(tmp, batch.student_setup) if mine else None
     answers: dict = {}
     try:
         nb, failure, killed = _execute(nb, name, tmp, batch)
         records, ignored = student_records(nb, batch.trusted)
-        if checks is not None and (wanted := _wanted(batch, nb, failure, records)):
+        wanted = _wanted(batch, nb, failure, records)
+        if (own := {k: v for k, v in wanted.items() if k not in batch.once}):
             answers = checks.run({"definitions": definitions(nb, batch.graded),
-                                  "graded": batch.graded, "records": records, "checks": wanted},
-                                 list(wanted), batch.rubric.check_timeout_s or CHECK_TIMEOUT_S)
+                                  "graded": batch.graded, "records": records, "checks": own},
+                                 list(own), batch.check_timeout_s)
+        if wanted.keys() & batch.once.keys():
+            answers.update({k: v for k, v in batch.once_answer().items() if k in wanted})
     finally:
         if checks is not None:
             checks.close()
@@ -271,7 +317,14 @@ def grade(submission_dir: str | Path, lab: int | str, out_csv: str | Path,
     executed = out_csv.with_name(f"{out_csv.stem}_executed")
     hidden = tuple({Path(submission_dir), executed, out_csv.parent, Path(rub.notebook).parent})
     batch = Batch(rub, timeout_s or rub.timeout_s, params or {}, executed, sandbox, hidden)
-    rows = [grade_one(p, batch) for p in subs]
+    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as work:
+        if batch.once:  # loads while the first submission runs
+            batch.once_checks = batch.trusted_checks(Path(work))
+        try:
+            rows = [grade_one(p, batch) for p in subs]
+        finally:
+            if batch.once_checks is not None:
+                batch.once_checks.close()
     columns = ["submission", "status", "total", "max", *[c.name for c in rub.checks],
                "reason", "feedback"]
     df = pd.DataFrame(rows, columns=columns)

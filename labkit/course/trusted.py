@@ -78,14 +78,14 @@ def _tree(source: str) -> ast.Module | None:
 
 def _kept(node: ast.stmt) -> bool:
     """What the trusted interpreter loads from an exercise cell: imports, defs, classes, and
-    assignments to plain names whose value calls nothing."""
+    assignments to plain names whose value calls and awaits nothing."""
     if isinstance(node, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.AsyncFunctionDef
                   | ast.ClassDef):
         return True
     targets = node.targets if isinstance(node, ast.Assign) else \
         [node.target] if isinstance(node, ast.AnnAssign) and node.value is not None else []
     return bool(targets) and all(isinstance(t, ast.Name) for t in targets) and \
-        not any(isinstance(n, ast.Call) for n in ast.walk(node.value))
+        not any(isinstance(n, ast.Call | ast.Await) for n in ast.walk(node.value))
 
 
 def _bound(node: ast.stmt) -> set[str]:
@@ -116,6 +116,23 @@ def definitions(nb, names: Sequence[str]) -> list[tuple[str, str]]:
         if body:
             pieces.append((f"cell {i}", "\n".join(ast.unparse(n) for n in body)))
     return pieces
+
+
+def names(code: str, mode: str = "exec") -> tuple[set[str], set[str]]:
+    """``(reads, binds)`` of a check's code (``exec``) or expression (``eval``), or of a setup:
+    the names it reads and does not bind itself (what it needs from the trusted interpreter's
+    namespace), and the names it binds."""
+    reads, binds = set(), set()
+    for node in ast.walk(ast.parse(code, mode=mode)):
+        if isinstance(node, ast.Name):
+            (reads if isinstance(node.ctx, ast.Load) else binds).add(node.id)
+        elif isinstance(node, ast.alias):
+            binds.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.arg):
+            binds.add(node.arg)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            binds.add(node.name)
+    return reads - binds, binds
 
 
 def parameters_source(released_nb) -> str:
@@ -213,11 +230,11 @@ class TrustedChecks:
             if self.current is None:
                 self.starts += 1
                 self.current = _Interpreter(self.args[0], self.starts, *self.args[1:])
-            lost = self._converse(job, todo, answers, check_timeout_s)
-            if lost is not None:
+            if self._converse(job, todo, answers, check_timeout_s):
                 tail = self.close()
-                if answers[lost]["error"].endswith("(exited)") and tail:
-                    answers[lost]["error"] += f": {tail}"
+                for answer in answers.values():  # a crash: its last words say why
+                    if answer.get("error", "").endswith("(exited)") and tail:
+                        answer["error"] += f": {tail}"
         return answers
 
     def close(self) -> str:
@@ -229,23 +246,22 @@ class TrustedChecks:
         self.killed, self.current = self.killed + left, None
         return tail
 
-    def _converse(self, job: dict, todo: list[str], answers: dict,
-                  check_timeout_s: float) -> str | None:
+    def _converse(self, job: dict, todo: list[str], answers: dict, check_timeout_s: float) -> bool:
         """Send the job, then ask for the checks in ``todo`` one by one (taking them off it) and
-        fill ``answers``; returns the key of a check that got no answer (the interpreter is then
-        no longer to be trusted with the rest), else None."""
+        fill ``answers``; True if the interpreter is done for (it did not start, or a check got
+        no answer: it is not to be trusted with the rest)."""
         it = self.current
         left_s = self.setup_timeout_s - (time.monotonic() - it.started)
-        line, why = it.answers.line(max(1.0, left_s))
-        ready = _parse(line, None) or {}
-        if ready.get("set") and it.send(job):
-            line, why = it.answers.line(max(1.0, left_s))
-            ready = _parse(line, None) or {}
+        line, why = it.answers.line(max(1.0, left_s))  # the setup ran meanwhile
+        ready, what = _parse(line, None) or {}, "the trusted interpreter did not start"
+        if ready.get("set") and it.send(job):  # loading the student's code: a check's time
+            line, why = it.answers.line(check_timeout_s + GRACE_S)
+            ready, what = _parse(line, None) or {}, "loading your definitions did not finish"
         if not ready.get("ready"):
-            error = ready.get("error") or f"the trusted interpreter did not start ({why or line!r})"
+            error = ready.get("error") or f"{what} ({why or 'not its answer'})"
             answers.update({k: {"passed": False, "error": error} for k in todo})
             todo.clear()
-            return None
+            return True
         notes = "; ".join(ready.get("problems", []))
         while todo:
             key, nonce = todo.pop(0), secrets.token_hex(8)
@@ -256,11 +272,11 @@ class TrustedChecks:
                 answers[key] = {"passed": False, "error": (
                     f"TimeoutError: took longer than {check_timeout_s:g} s" if why == "timeout"
                     else f"no answer from the trusted interpreter ({why or 'not its answer'})")}
-                return key
+                return True
             if notes and "error" in answer:
                 answer["error"] = f"{answer['error']} (loading your code: {notes})"
             answers[key] = answer
-        return None
+        return False
 
 
 def _parse(line: str | None, nonce: str | None) -> dict | None:
