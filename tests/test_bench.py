@@ -11,8 +11,8 @@ import statistics
 import pytest
 
 from labkit import metrics
-from labkit.cli.commands import int_list
 from labkit.bench import latency, loadgen, workloads
+from labkit.cli.commands import int_list
 from labkit.engines.base import Completion, Request, now
 from labkit.metrics import STATS_KEYS
 
@@ -264,3 +264,5 @@ def test_latency_bench_interleaves_the_shapes(bundled_tokenizer, monkeypatch):
     assert [r.max_tokens for r in engine.received] == [2, 3] * 3  # warmup=0: no warm-up calls
     for run in doc["runs"]:
         assert run["num_requests"] == 3 and run["duration_s"] > 0
+        for metric in ("ttft", "tpot", "e2e"):  # the fastest request, beside the percentiles
+            assert 0 < run[f"{metric}_min_s"] <= run[f"{metric}_s"]["p50"]

@@ -488,3 +488,11 @@ def _quietly(fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except httpx.HTTPError:
         pass
+
+
+def test_metrics_before_any_request_is_strict_json():
+    """A statistic with no value yet (no request served) is null, not NaN (which is no JSON)."""
+    with app_client() as client:
+        r = client.get("/metrics")
+    assert r.status_code == 200
+    assert r.json()["latency_s"]["p99"] is None and "NaN" not in r.text

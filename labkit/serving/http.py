@@ -44,6 +44,7 @@ from starlette.requests import Request as HTTPRequest
 
 from labkit.config import DEFAULT_MODEL
 from labkit.engines.base import InvalidRequest, Request
+from labkit.metrics import strict_json
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from labkit.serving.build import build_service
 from labkit.serving.openai_api import (
@@ -260,8 +261,8 @@ def create_app(service: InferenceService, model_name: str | None = None, *,
                             status_code=503 if state["status"] == "shutting down" else 200)
 
     @app.get("/metrics")
-    async def metrics():
-        return service.metrics()
+    async def metrics():  # strict JSON: a statistic with no value yet is null, not NaN
+        return strict_json(service.metrics())
 
     return app
 
