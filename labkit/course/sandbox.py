@@ -13,7 +13,8 @@ its own path. As root the grader also switches to a user id of the box's own (``
 the process-count limit counts that submission only and files it did not create stay read-only.
 
 Limits (``Limits``, from a rubric's ``[limits]`` table): ``memory_mib`` per process (RLIMIT_DATA:
-heap and private mappings; over it an allocation fails with MemoryError), ``cpu_s`` CPU seconds
+heap and private mappings; over it an allocation fails with MemoryError; default the machine's
+memory), ``cpu_s`` CPU seconds
 per process (RLIMIT_CPU), ``processes`` threads and processes of the box's user (RLIMIT_NPROC,
 only enforced when the grader runs as root). ``unavailable()`` says why no sandbox can be had
 here (not Linux, no bwrap, no namespaces), or None. The threat model: data/rubrics/README.md.
@@ -29,7 +30,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.config import DATA_DIR, NOTEBOOKS_DIR, RUBRIC_DIR, labkit_home
@@ -43,12 +44,24 @@ PASS_ENV = ("LABKIT_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PAR
 HIDDEN_ENV = ("LABKIT_HOME", "REDIS_URL")  # set here, or meaningless behind a private network
 
 
+def physical_mib() -> int:
+    """This machine's memory (MiB, from /proc/meminfo; 8192 where that cannot be read)."""
+    try:
+        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines()
+                    if ln.startswith("MemTotal:"))
+        return int(line.split()[1]) // 1024
+    except (OSError, StopIteration, ValueError):
+        return 8192
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one submission: memory (MiB) and CPU time (s) per process, and how many
-    processes and threads its user may have."""
+    processes and threads its user may have. The memory default is the machine's: libraries
+    size their caches from the free memory they see (transformers' continuous batching takes
+    half of it on a CPU), so a fixed default would fail them on a larger machine."""
 
-    memory_mib: int = 8192
+    memory_mib: int = field(default_factory=physical_mib)
     cpu_s: int = 1800
     processes: int = 1024
 
