@@ -142,6 +142,14 @@ def test_quality_gate_counts_answers_that_differ_or_are_missing():
     assert (gate.agree, gate.ok, gate.wrong) == (1, False, ("r3", "r5"))
 
 
+def test_a_stated_tolerance_lets_that_share_of_answers_change():
+    one_wrong = Quality(8, 9, wrong=("r1",))
+    assert not one_wrong.ok and not one_wrong.within(0.1) and one_wrong.within(0.12)
+    assert Quality(9, 9).within(0.0)
+    with pytest.raises(ValueError, match="got -0.1"):
+        one_wrong.within(-0.1)
+
+
 # --------------------------------------------------------------------------- the ledger
 @pytest.fixture(scope="module")
 def ledger() -> Ledger:
@@ -191,6 +199,8 @@ def test_an_unimplemented_step_is_listed_unmeasured_and_not_counted(ledger, caps
      "must be a function defined with def"),
     (lambda led: led.step("baseline", served, "again"), "a name other than 'baseline'"),
     (lambda led: led.row("nope"), "no step 'nope' in the ledger"),
+    (lambda led: led.step("q", served, "int8", tolerance=0.5),
+     "tolerance must be a share of answers from 0 to 0.25"),
 ])
 def test_ledger_refuses_bad_input_naming_it(ledger, call, message):
     with pytest.raises((ValueError, KeyError), match=message):
@@ -208,6 +218,23 @@ def test_ledger_renders_exports_and_records_every_step(ledger, tmp_path):
     assert record["counted_steps"] == 3 and record["workload"] == "capstone-ci"
     assert [r["factory"] for r in record["rows"]] == ["baseline", "exact_length", "served",
                                                       "two_tokens", "unfinished"]
+
+
+def batched(engine):
+    return InferenceService(engine, None, max_batch_size=16, max_wait_ms=5)
+
+
+def test_a_step_as_fast_with_less_engine_work_is_kept():
+    """The fake engine's batch step costs the same for 3 rows or 9, like a CPU batch that is not
+    full: a cache in front saves engine work without a visible speed-up, and is kept for it."""
+    engine = fake_engine(step_s=0.03)  # the baseline's trials given: this test is the decision
+    led = Ledger(engine, WORKLOAD, trials=5, first=measure(batched, engine, WORKLOAD, 5))
+    led.step("batch", batched, "batching")
+    led.decide("batch", "keep", "many requests in one call")
+    row = led.step("cache", served, "a cache in front")
+    led.decide_by_measurement("cache", "repeats are hits")
+    assert led.row("batch").engine_requests == [N] * 5 and row.engine_requests == [3] * 5
+    assert row.decision == "keep" and "3 engine requests against 9" in row.why
 
 
 def test_measuring_a_step_again_replaces_its_row():

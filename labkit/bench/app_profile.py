@@ -125,7 +125,7 @@ def profile_app(factory: AppFactory, engine: Engine, workload: CapstoneWorkload,
         task = asyncio.create_task(ticker())
         await asyncio.sleep(0)
         try:
-            trial, completions = await run_trial(factory(timed), workload)
+            trial, completions = await run_trial(factory(timed), workload, timed)
         finally:
             task.cancel()
         ticks.append(now())

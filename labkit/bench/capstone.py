@@ -34,11 +34,14 @@ from typing import Protocol
 
 from labkit.config import by_profile, choose
 from labkit.engines.base import Completion, Engine, Request, encode_request
+from labkit.engines.counting import CountingEngine
 from labkit.metrics import summarize
 from labkit.serving.baseline import APP_MAX_TOKENS, BaselineApp
 
 SPEEDUP_THRESHOLDS = {"ci": 1.5, "full": 3.0}  # final over baseline throughput, for full points
 DEFAULT_TRIALS = {"ci": 3, "full": 5}  # trials per step in the notebook
+ENGINE_DTYPE = "float32"  # answers are compared token by token: batched bf16 parts far more often
+MAX_TOLERANCE = 0.25  # the largest share of changed answers a ledger step may state it accepts
 CI_PROMPTS = ("What does a CPU cache do?", "What is the capital of France?",
               "List three prime numbers.")
 
@@ -128,7 +131,8 @@ def default_engine(profile: str) -> str:
 class Trial:
     """One run of the workload through a fresh app. Throughputs in requests/s over the run's
     wall time; ``e2e_p99_s`` in seconds from the burst's start; goodput counts the requests that
-    met the SLO."""
+    met the SLO; ``engine_requests``: how many requests the engine generated (None: not
+    counted), the work a cache or shared generations save even where a batch hides it."""
 
     duration_s: float
     requests_per_s: float
@@ -136,6 +140,7 @@ class Trial:
     e2e_p99_s: float
     goodput_requests_per_s: float
     slo_attainment: float
+    engine_requests: int | None = None
 
 
 @dataclass
@@ -150,8 +155,11 @@ class Measurement:
         return [getattr(t, name) for t in self.trials]
 
 
-async def run_trial(app: App, workload: CapstoneWorkload) -> tuple[Trial, list[Completion]]:
-    """Send the workload through ``app`` once (open loop) and summarize it; closes the app."""
+async def run_trial(app: App, workload: CapstoneWorkload,
+                    counter: CountingEngine | None = None) -> tuple[Trial, list[Completion]]:
+    """Send the workload through ``app`` once (open loop) and summarize it; closes the app.
+    ``counter``: the counting engine the app was built on (its requests are the trial's
+    ``engine_requests``)."""
     from labkit.bench.loadgen import open_loop
 
     try:
@@ -161,13 +169,15 @@ async def run_trial(app: App, workload: CapstoneWorkload) -> tuple[Trial, list[C
     run = summarize(result.completions, result.duration_s, name=workload.name,
                     slo=dict(workload.slo))
     trial = Trial(result.duration_s, run["requests_per_s"], run["output_tokens_per_s"],
-                  run["e2e_s"]["p99"], run["goodput_requests_per_s"], run["slo_attainment"])
+                  run["e2e_s"]["p99"], run["goodput_requests_per_s"], run["slo_attainment"],
+                  counter.requests if counter is not None else None)
     return trial, result.completions
 
 
 def measure(factory: AppFactory, engine: Engine, workload: CapstoneWorkload,
             trials: int) -> Measurement:
-    """``trials`` runs of the workload, each through a fresh ``factory(engine)`` app."""
+    """``trials`` runs of the workload, each through a fresh app ``factory(counting)`` built on
+    a ``CountingEngine`` around ``engine`` (so each trial knows its engine requests)."""
     from labkit.bench.loadgen import run_sync
 
     if not isinstance(trials, int) or trials < 1:
@@ -176,7 +186,8 @@ def measure(factory: AppFactory, engine: Engine, workload: CapstoneWorkload,
     async def main() -> Measurement:
         out = Measurement([])
         for i in range(trials):
-            trial, completions = await run_trial(factory(engine), workload)
+            counting = CountingEngine(engine)
+            trial, completions = await run_trial(factory(counting), workload, counting)
             out.trials.append(trial)
             if i == 0:
                 out.answers = {r.request_id: c for r, c in zip(workload.requests, completions)}
@@ -256,9 +267,23 @@ class Quality:
         """The gate: every answer agrees."""
         return self.agree == self.total
 
+    def within(self, tolerance: float) -> bool:
+        """The gate with a stated tolerance: at most ``tolerance`` (a fraction of the answers,
+        0 to ``MAX_TOLERANCE``) differ from the baseline's (quantization, lab 04)."""
+        check_tolerance(tolerance)
+        return self.total - self.agree <= math.floor(tolerance * self.total + 1e-9)
+
     def __str__(self) -> str:
         ties = f", {self.near_ties} at a near-tie" if self.near_ties else ""
         return f"{self.agree}/{self.total} agree{ties}"
+
+
+def check_tolerance(tolerance: float) -> float:
+    """``tolerance`` if it is a share of answers from 0 to ``MAX_TOLERANCE``, else ValueError."""
+    if not (isinstance(tolerance, int | float) and 0 <= tolerance <= MAX_TOLERANCE):
+        raise ValueError(f"tolerance must be a share of answers from 0 to {MAX_TOLERANCE} "
+                         f"(0.1: one answer in ten may change), got {tolerance!r}")
+    return float(tolerance)
 
 
 def quality_gate(answers: Mapping[str, Completion], reference: Mapping[str, Completion],

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from labkit.bench.capstone import (
+    ENGINE_DTYPE,
     SPEEDUP_THRESHOLDS,
     AppFactory,
     baseline_measurement,
@@ -46,12 +47,12 @@ _FINALS: dict[tuple, FinalGrade] = {}  # (build_final_app, profile, engine) -> i
 
 
 def grader_engine(profile: str) -> Engine:
-    """The grader's own engine for a profile (``default_engine``, the bundled model), built
-    once per process and warmed up."""
+    """The grader's own engine for a profile (``default_engine``, the bundled model, in
+    ``ENGINE_DTYPE``), built once per process and warmed up."""
     from labkit.engines import get_engine
 
     if profile not in _ENGINES:
-        _ENGINES[profile] = get_engine(default_engine(profile))
+        _ENGINES[profile] = get_engine(default_engine(profile), dtype=ENGINE_DTYPE)
         _ENGINES[profile].warmup()
     return _ENGINES[profile]
 
@@ -158,6 +159,11 @@ def verify_ledger(record: Mapping, definitions: Mapping[str, object], profile: s
             continue
         m = measure(factory, eng, workload, 1)
         quality = quality_gate(m.answers, base.answers, eng, workload.requests)
-        verified += (quality.ok == row.get("quality_ok")
+        tolerance = row.get("tolerance", 0.0)
+        try:
+            gate = quality.within(tolerance)
+        except ValueError:  # a tolerance the ledger would not have stated
+            continue
+        verified += (gate == row.get("quality_ok")
                      and _within(claimed, m.trials[0].requests_per_s, factor))
     return verified

@@ -5,8 +5,9 @@
 ``factory(engine)``) against that baseline, *in the same run on the same machine*, and puts it
 through the quality gate; ``ledger.decide(name, "keep" | "revert", why)`` documents the
 decision. Each row holds: throughput (requests/s) and p99 E2E (s) and goodput at the SLO
-(requests/s) per trial, the answers' agreement with the baseline's, the speed-up over the
-baseline and over the last kept step as (worst, median, best), the decision and why.
+(requests/s) and requests the engine generated per trial, the answers' agreement with the
+baseline's, the speed-up over the baseline and over the last kept step as (worst, median, best),
+the decision and why.
 ``frame()`` renders it, ``to_markdown()``/``export(path)`` write it as markdown, and
 ``to_record()`` is what the notebook records for grading.
 
@@ -28,6 +29,7 @@ from labkit.bench.capstone import (
     CapstoneWorkload,
     Measurement,
     baseline_factory,
+    check_tolerance,
     measure,
     quality_gate,
     remember_baseline,
@@ -39,6 +41,7 @@ from labkit.engines.base import Engine
 DECISIONS = ("keep", "revert")
 BASELINE = "baseline"  # the name of the ledger's first row
 MIN_WHY_WORDS = 3  # a decision's reason needs at least this many words to count
+SAME_SPEED = 0.9  # a step this close to the last kept step's throughput holds its speed
 
 
 @dataclass
@@ -53,8 +56,10 @@ class LedgerRow:
     requests_per_s: list[float] = field(default_factory=list)
     e2e_p99_s: list[float] = field(default_factory=list)
     goodput_requests_per_s: list[float] = field(default_factory=list)
+    engine_requests: list[int | None] = field(default_factory=list)
     quality: str = ""
     quality_ok: bool = False
+    tolerance: float = 0.0
     speedup: float | None = None
     speedup_worst: float | None = None
     speedup_best: float | None = None
@@ -71,6 +76,11 @@ class LedgerRow:
     def counted(self) -> bool:
         """A measured step (not the baseline) with a decision and a reason of a few words."""
         return row_counts(dataclasses.asdict(self))
+
+
+def _median_or_none(values: list) -> float | None:
+    """The median of counted values (None when a trial was not counted)."""
+    return None if not values or None in values else spread(values).median
 
 
 def row_counts(row: Mapping) -> bool:
@@ -98,12 +108,15 @@ class Ledger:
         self.rows: list[LedgerRow] = []
         self.rows.append(self._row(BASELINE, "the application as given", BASELINE, self.baseline))
 
-    def _row(self, step: str, change: str, factory: str, m: Measurement) -> LedgerRow:
+    def _row(self, step: str, change: str, factory: str, m: Measurement,
+             tolerance: float = 0.0) -> LedgerRow:
         quality = quality_gate(m.answers, self.baseline.answers, self.engine,
                                self.workload.requests)
+        stated = f" (tolerance {tolerance:.0%})" if tolerance else ""
         row = LedgerRow(step, change, factory, m.values("requests_per_s"),
                         m.values("e2e_p99_s"), m.values("goodput_requests_per_s"),
-                        str(quality), quality.ok)
+                        m.values("engine_requests"), str(quality) + stated,
+                        quality.within(tolerance), tolerance)
         if step != BASELINE:
             base = self.baseline.values("requests_per_s")
             prev = self.previous(step).requests_per_s
@@ -125,11 +138,15 @@ class Ledger:
                 return r
         raise KeyError(f"no step {step!r} in the ledger; steps: {[r.step for r in self.rows]}")
 
-    def step(self, step: str, factory: AppFactory, change: str) -> LedgerRow:
+    def step(self, step: str, factory: AppFactory, change: str,
+             tolerance: float = 0.0) -> LedgerRow:
         """Measure ``factory`` (a function defined with ``def`` at the top of a cell, so the
-        grader can call it by name) over the workload; returns its row. A factory that raises
-        NotImplementedError gets an unmeasured row, so an unfinished notebook still runs.
-        Measuring a step again replaces its row (and its decision)."""
+        grader can call it by name) over the workload; returns its row. ``tolerance``: the share
+        of answers the step states it may change (quantization; 0 to ``MAX_TOLERANCE``; the final
+        app is graded with none). A factory that raises NotImplementedError gets an unmeasured
+        row, so an unfinished notebook still runs. Measuring a step again replaces its row (and
+        its decision)."""
+        check_tolerance(tolerance)
         if not isinstance(step, str) or not step.strip() or step == BASELINE:
             raise ValueError(f"a step needs a name other than {BASELINE!r}, got {step!r}")
         named = inspect.isfunction(factory) or inspect.isclass(factory)
@@ -145,7 +162,7 @@ class Ledger:
             print(f"step {step!r} is not implemented yet ({exc}): not measured")
             row = LedgerRow(step, change, name)
         else:
-            row = self._row(step, change, name, m)
+            row = self._row(step, change, name, m, tolerance)
         names = [r.step for r in self.rows]
         if step in names:
             self.rows[names.index(step)] = row
@@ -173,16 +190,23 @@ class Ledger:
         return row
 
     def decide_by_measurement(self, step: str, reason: str) -> LedgerRow:
-        """Keep ``step`` if it passed the quality gate and its median throughput beats the last
-        kept step's, else revert it; the why is ``reason`` (what the change should do) followed
-        by the measured figures."""
+        """Keep ``step`` if it passed the quality gate and either its median throughput beats
+        the last kept step's, or it holds that throughput within ``SAME_SPEED`` while the engine
+        generates fewer requests (less work, hidden by a batch on this device); else revert it.
+        The why is ``reason`` (what the change should do) followed by the measured figures."""
         row = self.row(step)
         if not row.measured:
             print(f"step {step!r} was not measured: nothing to decide yet")
             return row
-        keep = row.quality_ok and row.vs_previous > 1
+        work, before = _median_or_none(row.engine_requests), \
+            _median_or_none(self.previous(step).engine_requests)
+        less_work = work is not None and before is not None and work < before
+        keep = row.quality_ok and (row.vs_previous > 1 or
+                                   (less_work and row.vs_previous >= SAME_SPEED))
         why = (f"{reason}; measured {row.vs_previous:.2f}x the last kept step's throughput "
                f"(median; worst trial {row.vs_previous_worst:.2f}x), answers {row.quality}")
+        if work is not None and before is not None:
+            why += f", {work:g} engine requests against {before:g}"
         return self.decide(step, "keep" if keep else "revert", why)
 
     @property
@@ -202,6 +226,8 @@ class Ledger:
                         "throughput (req/s)": fmt(r.requests_per_s),
                         "p99 E2E (s)": fmt(r.e2e_p99_s),
                         "goodput at SLO (req/s)": fmt(r.goodput_requests_per_s),
+                        "engine requests": "" if (w := _median_or_none(r.engine_requests))
+                        is None else f"{w:g}",
                         "quality": r.quality or "not measured", "speed-up vs baseline": gain,
                         "decision": r.decision or ("" if r.step == BASELINE else "undecided"),
                         "why": r.why})
