@@ -18,6 +18,10 @@
 | serve       | ``bench serve``: closed or open loop against a server, SLO, knee, cost     |
 | compare     | the course's reference service measured: its defects, against the fix      |
 | autoscale   | a load step against a Ray Serve deployment and its replica counts          |
+| capstone    | lab 07's workload, trials, min/median/max, speed-ups and the quality gate   |
+| app_profile | lab 07's profiler: where an app's time goes, loop stalls, engine requests   |
+| ledger      | lab 07's optimization ledger: steps, decisions, markdown, the record        |
+| capstone_grade | the grader's own measurement of a capstone: final speed-up, ledger check |
 
 Every bench writes the JSON contract of ``labkit.metrics`` (``bench_document``).
 """
