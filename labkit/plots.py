@@ -165,11 +165,12 @@ def roofline_plot(peak_flops_per_s: float, bandwidth_bytes_per_s: float,
     grid = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 4), 200)
     ax.plot(grid, np.minimum(grid * bandwidth_bytes_per_s, peak_flops_per_s) / 1e12, "k-", lw=1.5,
             label="roofline: min(compute peak, intensity x bandwidth)")
-    ax.plot(grid, grid * bandwidth_bytes_per_s / 1e12, "k:", lw=0.8, alpha=0.5)
+    slope = grid[grid <= 4 * ridge]  # each ceiling on its own, dotted, a little past the ridge
+    ax.plot(slope, slope * bandwidth_bytes_per_s / 1e12, "k:", lw=0.8, alpha=0.5)
     ax.axhline(peak_flops_per_s / 1e12, color="k", ls=":", lw=0.8, alpha=0.5)
     ax.axvline(ridge, color="gray", ls="--", lw=1)
     ax.annotate(f"ridge {ridge:.3g} FLOP/byte", (ridge, peak_flops_per_s / 1e12),
-                xytext=(4, -12), textcoords="offset points", fontsize=8)
+                xytext=(-6, 6), textcoords="offset points", fontsize=8, ha="right")
     for i, (label, (intensity, flops)) in enumerate(points.items()):
         if len(intensity) != len(flops):
             raise ValueError(f"points {label!r}: {len(intensity)} x values but {len(flops)} y")

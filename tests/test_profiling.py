@@ -238,3 +238,21 @@ def test_compute_peak_on_cpu_is_measured_and_on_a_known_gpu_is_the_datasheet(mon
     monkeypatch.setattr(device, "pick_device", lambda dev=None: torch.device("cuda"))
     monkeypatch.setattr(device, "device_name", lambda dev=None: "NVIDIA H200")
     assert roofline.compute_peak() == (989e12, "datasheet bf16 (NVIDIA H200)")
+
+
+def test_roofline_plot_draws_both_ceilings_and_the_ridge():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit import plots
+
+    ax = plots.roofline_plot(989e12, 4.8e12, {"decode (batch size)": ([1.0, 15.0], [3e11, 6e12])},
+                             labels={"decode (batch size)": [1, 16]}, title="H200")
+    ridge_lines = [line for line in ax.lines if list(line.get_xdata()) == [206.04166666666666] * 2]
+    assert ridge_lines, "a vertical line at the ridge point (989e12 / 4.8e12 FLOP/byte)"
+    roof = ax.lines[0].get_ydata()
+    assert max(roof) == pytest.approx(989.0)  # the compute ceiling, in TFLOP/s
+    assert "ridge 206 FLOP/byte" in [t.get_text() for t in ax.texts]
+    assert ax.get_xlabel() == "arithmetic intensity (FLOP/byte)"
+    with pytest.raises(ValueError, match="2 x values but 1 y"):
+        plots.roofline_plot(1e12, 1e11, {"bad": ([1, 2], [3])})
