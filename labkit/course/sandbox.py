@@ -215,7 +215,7 @@ def _bwrap_args(box: Box | None, limits: Limits, env: Mapping[str, str],
     if box is not None and box.uid is not None:
         args.append(f"--nproc={limits.processes}")
     args += ["--", "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "box",
+             "--unshare-cgroup-try", "--die-with-parent", "--new-session",
              *_system_binds(), "--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(TMPFS_MIB * 2**20), "--tmpfs", "/tmp",
              "--perms", "1777", "--size", str(TMPFS_MIB * 2**20), "--tmpfs", "/dev/shm"]
