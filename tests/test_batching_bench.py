@@ -9,7 +9,7 @@ import math
 import pytest
 from fakes import FakeEngine
 
-from labkit.bench.batch_runs import equal_work, static_run, static_sweep
+from labkit.bench.batch_runs import e2e_by_half_s, equal_work, static_run, static_sweep
 from labkit.bench.batching import default_sizes, padding_fraction, run_batching_bench, workloads
 from labkit.bench.workloads import make_workload
 from labkit.metrics import STATS_KEYS
@@ -159,3 +159,26 @@ def test_static_run_sorted_by_prompt_length_pads_less(hf_engine):
     bucketed = static_run(hf_engine, reqs, 2, sort=True)
     assert bucketed["prompt_padding_fraction"] < plain["prompt_padding_fraction"]
     assert bucketed["sorted"] and not plain["sorted"]
+
+
+def test_hf_cb_gets_a_step_budget_sized_for_the_plan(monkeypatch):
+    """Left to itself hf-cb sizes its per-step buffers from the free memory (about 10 GB on a
+    CPU), which labkit grade's memory-limited sandbox refuses: the plan sizes it instead."""
+    import labkit.engines
+    from labkit.bench.batching import make_continuous_engine
+
+    made = []
+    monkeypatch.setattr(labkit.engines, "get_engine", lambda name, **kw: made.append((name, kw)))
+    make_continuous_engine("hf-cb", "smollm2-135m", default_sizes("ci"))
+    make_continuous_engine("hf-cb", "smollm2-135m", default_sizes("full"))
+    make_continuous_engine("vllm", "synthetic-8b", default_sizes("full"))
+    assert made == [("hf-cb", {"model": "smollm2-135m", "max_batch_tokens": 256}),
+                    ("hf-cb", {"model": "smollm2-135m", "max_batch_tokens": 64 * 512}),
+                    ("vllm", {"model": "synthetic-8b"})]
+
+
+def test_e2e_by_half_splits_at_the_median_output_length():
+    batch_bound = {"e2e_by_output": [[2, 5.0], [4, 5.1], [30, 5.2], [60, 5.3]]}  # waits: batch
+    own_length = {"e2e_by_output": [[2, 0.2], [4, 0.4], [30, 3.0], [60, 6.0]]}   # leaves: own
+    assert e2e_by_half_s(batch_bound) == (5.05, 5.25)
+    assert e2e_by_half_s(own_length) == pytest.approx((0.3, 4.5))

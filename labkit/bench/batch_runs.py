@@ -266,12 +266,14 @@ def equal_work(static_engine: Engine, continuous_engine: Engine | None,
             for name, pool in pools.items()]
 
 
-def short_half_e2e_s(run: dict) -> float:
-    """Median E2E (s) of the shorter half of an ``equal_work`` run's requests: those whose output
-    is at most the median output length. Under static or dynamic batching they wait for their
-    batch's longest request; under continuous batching they leave when they are done."""
+def e2e_by_half_s(run: dict) -> tuple[float, float]:
+    """Median E2E (s) of the shorter and of the longer half of an ``equal_work`` run's requests
+    (split at the median output length; ``e2e_by_output``). Under static or dynamic batching a
+    short request waits for its batch's longest one; under continuous batching it leaves when it
+    is done, so comparing the shorter halves of two systems shows what leaving early buys."""
     import statistics
 
     pairs = run["e2e_by_output"]
     median = statistics.median(tokens for tokens, _ in pairs)
-    return statistics.median(e2e for tokens, e2e in pairs if tokens <= median)
+    return (statistics.median(e2e for tokens, e2e in pairs if tokens <= median),
+            statistics.median(e2e for tokens, e2e in pairs if tokens > median))

@@ -104,6 +104,20 @@ def workloads(engine: Engine, sizes: dict) -> tuple[list[Request], list[Request]
     return fixed, wide
 
 
+def make_continuous_engine(name: str, model: str, sizes: dict) -> Engine:
+    """The engine of the continuous runs: ``hf-cb`` with its per-step token budget sized for
+    ``sizes`` (``concurrency`` requests, each joining with at most ``max_prompt_tokens``, 512 if
+    uncapped), or ``vllm``. Left to itself, hf-cb sizes that budget from the free memory and
+    asks for about 10 GB on a CPU, which a memory-limited process (``labkit grade``'s sandbox)
+    refuses."""
+    from labkit.engines import get_engine
+
+    if name == "hf-cb":
+        budget = sizes["concurrency"] * (sizes["max_prompt_tokens"] or 512)
+        return get_engine(name, model=model, max_batch_tokens=max(256, budget))
+    return get_engine(name, model=model)
+
+
 def run_batching_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
                        batch_sizes: Sequence[int] | None = None,
                        concurrencies: Sequence[int] | None = None,
@@ -148,8 +162,8 @@ def run_batching_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
         if eng.continuous:
             cont = eng
         elif cont_name != "none":
-            cont, cont_owned = _engine(continuous_engine if isinstance(continuous_engine, Engine)
-                                       else cont_name, model)
+            cont, cont_owned = (continuous_engine, False) if isinstance(continuous_engine, Engine) \
+                else (make_continuous_engine(cont_name, model, sizes), True)
             cont.warmup()
         for c in concurrencies or [sizes["concurrency"]]:
             runs += equal_work(eng, cont, wide, c, rounds=sizes["wide_rounds"],
