@@ -253,24 +253,6 @@ def test_repository_hidden_checks_pass_the_solution_and_fail_the_stub(path: Path
             assert passed == should_pass, f"{check.name} on the {which}"
 
 
-def _names(source: str, mode: str = "exec") -> tuple[set[str], set[str]]:
-    """(names a piece of code reads, names it binds itself), from its syntax tree."""
-    import ast
-
-    tree = ast.parse(source, mode=mode)
-    reads, binds = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            (reads if isinstance(node.ctx, ast.Load) else binds).add(node.id)
-        elif isinstance(node, ast.alias):
-            binds.add((node.asname or node.name).split(".")[0])
-        elif isinstance(node, ast.arg):
-            binds.add(node.arg)
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            binds.add(node.name)
-    return reads, binds
-
-
 @pytest.mark.parametrize("path", RUBRICS, ids=[p.name for p in RUBRICS])
 def test_repository_trusted_checks_name_only_what_the_trusted_interpreter_has(path: Path):
     """Hidden tests and recomputations run outside the notebook: every name they read must come
@@ -279,15 +261,15 @@ def test_repository_trusted_checks_name_only_what_the_trusted_interpreter_has(pa
     import builtins
 
     from labkit.course.assign import student_notebook
-    from labkit.course.trusted import graded_names, parameters_source
+    from labkit.course.trusted import graded_names, names, parameters_source
 
     rubric = load_rubric(path)
     solution = nbformat.read(rubric.notebook, as_version=4)
     available = set(dir(builtins)) | {"records"} | set(graded_names(solution))
-    available |= _names(parameters_source(student_notebook(solution)))[1]
-    available |= _names(rubric.setup)[1]
+    available |= names(parameters_source(student_notebook(solution)))[1]
+    available |= names(rubric.setup)[1]
     for check in rubric.checks:
         code, mode = (check.code, "exec") if check.kind == "hidden" else (check.recompute, "eval")
         if code:
-            reads, binds = _names(code, mode)
-            assert reads - binds - available == set(), f"{path.name} {check.name}"
+            reads, _ = names(code, mode)
+            assert reads - available == set(), f"{path.name} {check.name}"
