@@ -191,18 +191,17 @@ def ask(name: str, question: str, choices: Mapping[str, str] | None = None, *,
 
 
 def predict(name: str, value) -> None:
-    """Record a prediction (``name`` like ``p02_batch16_speedup``) before its measurement.
+    """Acknowledge a prediction (``name`` like ``p02_batch16_speedup``) before its measurement.
 
     A prediction of None means none was made; ``reveal`` later compares it with the measurement.
+    The grader reads it from the lab's own record cell (``labkit.record``), not from here: the
+    prediction cell is the student's, so a record published from it would not count.
     """
-    from labkit.records import record
-
     _lab_of(name)
     if value is None:
         print(f"{name}: no prediction entered yet: write your guess in the cell above first")
     else:
-        print(f"{name}: prediction recorded ({value!r}); now run the measurement")
-    record(name, value)
+        print(f"{name}: prediction noted ({value!r}); now run the measurement")
 
 
 def reveal(name: str, prediction, measured: float, *, unit: str = "") -> dict:

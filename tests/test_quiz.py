@@ -68,7 +68,7 @@ def test_ask_outside_a_kernel_prints_question_choices_and_how_to_answer(capsys):
 
 def test_predict_then_reveal(capsys):
     predict("p02_speedup", 4.0)
-    assert "prediction recorded (4.0)" in capsys.readouterr().out
+    assert "prediction noted (4.0)" in capsys.readouterr().out
     shown = reveal("p02_speedup", 4.0, 5.0, unit="x")
     assert shown["ratio"] == pytest.approx(1.25)
     assert "predicted 4.0 x, measured 5 x (measured / predicted = 1.25)" in capsys.readouterr().out
