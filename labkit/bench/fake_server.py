@@ -29,8 +29,8 @@ import argparse
 import asyncio
 import itertools
 import json
-import threading
-import time
+
+from labkit.serving.app_thread import AppThread
 
 MODEL = "fake-model"
 TOKEN = " tok"  # the text of every output token
@@ -150,35 +150,20 @@ def create_app(ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = Non
     return app
 
 
-class FakeServer:
+class FakeServer(AppThread):
     """The fake server on a daemon thread of this process; ``with FakeServer(...) as s: s.url``.
 
     Same knobs as ``create_app``. (``labkit.serving.http.BackgroundServer`` does the same for an
-    ``InferenceService``.)
+    ``InferenceService``; both are ``labkit.serving.app_thread.AppThread``.)
     """
 
     def __init__(self, ttft_s: float = 0.1, itl_s: float = 0.02, slots: int | None = None, *,
                  itl_per_running_s: float = 0.0, model: str = MODEL, host: str = "127.0.0.1",
                  port: int | None = None) -> None:
-        import uvicorn
-
-        from labkit.serving.redis_server import free_port
-
-        self.host, self.port = host, port or free_port()
         self.ttft_s, self.itl_s, self.slots = ttft_s, itl_s, slots
         self.itl_per_running_s = itl_per_running_s
-        config = uvicorn.Config(create_app(ttft_s, itl_s, slots, model, itl_per_running_s),
-                                host=host,
-                                port=self.port, log_level="warning", lifespan="off",
-                                access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True,
-                                        name=f"labkit-fake-{self.port}")
-
-    @property
-    def url(self) -> str:
-        """The server root (``http://host:port``)."""
-        return f"http://{self.host}:{self.port}"
+        super().__init__(create_app(ttft_s, itl_s, slots, model, itl_per_running_s), host, port,
+                         name="labkit-fake", lifespan="off", access_log=False)
 
     def service_time_s(self, max_tokens: int, running: int = 1) -> float:
         """Seconds a request of ``max_tokens`` tokens holds its slot while ``running`` requests
@@ -186,27 +171,6 @@ class FakeServer:
         return self.ttft_s + (max_tokens - 1) * (self.itl_s
                                                   + self.itl_per_running_s * (running - 1))
 
-    def start(self, timeout_s: float = 30.0) -> "FakeServer":
-        """Start serving; returns once the port accepts connections."""
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the fake server did not start on {self.url} within "
-                                   f"{timeout_s} s (port in use?)")
-            time.sleep(0.01)
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop serving and wait for the thread (at most ``timeout_s`` s)."""
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-
-    def __enter__(self) -> "FakeServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -45,6 +44,7 @@ from starlette.requests import Request as HTTPRequest
 from labkit.config import DEFAULT_MODEL
 from labkit.engines.base import InvalidRequest, Request
 from labkit.metrics import strict_json
+from labkit.serving.app_thread import AppThread
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from labkit.serving.build import build_service
 from labkit.serving.openai_api import (
@@ -296,7 +296,7 @@ def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0
         service.engine.close()
 
 
-class BackgroundServer:
+class BackgroundServer(AppThread):
     """The server on a daemon thread of this process (notebooks, tests); ``stop()`` ends it.
 
     ``with BackgroundServer(service) as server: openai.OpenAI(base_url=server.url + "/v1")``.
@@ -308,38 +308,6 @@ class BackgroundServer:
                  host: str = "127.0.0.1", port: int | None = None,
                  log_level: str = "warning", *, max_body_bytes: int = MAX_BODY_BYTES,
                  drain_s: int = DRAIN_S) -> None:
-        import uvicorn
-
-        from labkit.serving.redis_server import free_port
-
-        self.host, self.port = host, port or free_port()
-        config = uvicorn.Config(create_app(service, model_name, max_body_bytes=max_body_bytes),
-                                host=host, port=self.port, log_level=log_level, lifespan="on",
-                                timeout_graceful_shutdown=drain_s)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True,
-                                        name=f"labkit-http-{self.port}")
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP server did not start on {self.url} within "
-                                   f"{timeout_s} s (port in use?)")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().__init__(create_app(service, model_name, max_body_bytes=max_body_bytes), host,
+                         port, log_level=log_level, lifespan="on",
+                         timeout_graceful_shutdown=drain_s)
