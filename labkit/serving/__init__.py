@@ -16,10 +16,12 @@
 | ``tether``         | child processes that die with this one (PDEATHSIG, watchdog, stale folders) |
 | ``openai_api``     | OpenAI's wire format: strict request bodies, the error object, 413 and 500 |
 | ``http``           | the OpenAI-compatible FastAPI front, ``serve``, ``BackgroundServer`` |
+| ``app_thread``     | ``AppThread``: an ASGI app served by uvicorn on a daemon thread |
 | ``build``          | ``build_service``: engine + Redis cache + batcher -> ``InferenceService`` |
 | ``replica``        | one Ray Serve replica running the same service |
 | ``deploy``         | ``deploy``: replicas on Ray Serve sharing one Redis |
 | ``reference``      | the course page's reference service, defects and all (lab 05 measures them) |
+| ``baseline``       | ``BaselineApp``: the capstone's slow but correct app (lab 07 optimizes it) |
 
 The names below load with ``import labkit.serving``, which imports no Ray, FastAPI or torch.
 """
