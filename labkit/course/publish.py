@@ -6,6 +6,8 @@ papermill's ``injected-parameters`` cell (``PROFILE = "ci"``: it would silently 
 ``PROFILE = "auto"`` for everyone who opens the notebook on a GPU, and shift every cell number a
 student sees by one) and papermill's per-cell metadata. ``publish`` writes the executed notebook
 over its source without them, after checking that the code is the source's own.
+``strip_injected`` removes only that cell from a notebook already committed with it (a run from
+before ``publish``), and ``injected_cells`` finds them (tests/test_notebooks_clean.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,26 @@ def without_run_artifacts(nb):
         cell.metadata.pop("execution", None)
     out.metadata.pop("papermill", None)
     return out
+
+
+def injected_cells(nb) -> list[int]:
+    """Indices of the cells of ``nb`` (nbformat v4) tagged ``injected-parameters``."""
+    return [i for i, c in enumerate(nb.cells)
+            if INJECTED_TAG in c.get("metadata", {}).get("tags", [])]
+
+
+def strip_injected(path: str | Path) -> int:
+    """Remove papermill's ``injected-parameters`` cells from the notebook at ``path`` in place,
+    leaving every other cell, output and metadata as it was; returns how many were removed (the
+    file is not rewritten when there were none)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    drop = set(injected_cells(nb))
+    if drop:
+        nb.cells = [c for i, c in enumerate(nb.cells) if i not in drop]
+        nbformat.write(nb, str(path))
+    return len(drop)
 
 
 def _code(nb) -> list[str]:
