@@ -20,10 +20,25 @@ from pathlib import Path
 ENGINES = ("hf", "hf-cb", "vllm", "auto")
 PROFILES = ("ci", "full", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (or the installed tree)
-DATA_DIR = PROJECT_ROOT / "data"  # prompts, paraphrase pairs, evaluation text, rubrics
+PACKAGE_DIR = Path(__file__).resolve().parent  # labkit/
+PROJECT_ROOT = PACKAGE_DIR.parent  # the repository (or the installed tree)
+
+
+def in_repository(root: Path = PROJECT_ROOT) -> bool:
+    """Whether labkit runs from the course repository (an editable install or a checkout on the
+    path): ``root`` holds ``pyproject.toml`` and ``data/``. Else it is an installed wheel."""
+    return (root / "pyproject.toml").is_file() and (root / "data").is_dir()
+
+
+def data_dir(root: Path = PROJECT_ROOT, package: Path = PACKAGE_DIR) -> Path:
+    """``root/data`` in the repository; in an installed wheel the copy it ships as
+    ``labkit/data`` (the files the labs read, without ``rubrics/``: see pyproject.toml)."""
+    return root / "data" if in_repository(root) else package / "data"
+
+
+DATA_DIR = data_dir()  # prompts, paraphrase pairs, evaluation text, rubrics (repository only)
 RUBRIC_DIR = DATA_DIR / "rubrics"  # labNN.toml: each lab's graded checks and quiz answers
-NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"  # the labs (solution notebooks)
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"  # the labs (solution notebooks; repository only)
 LAB_NOTEBOOKS = "[0-9][0-9]_*.ipynb"  # glob of a lab notebook's file name: 01_profiling.ipynb
 BUNDLED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped in a wheel (labkit.models)
 DEFAULT_MODEL = BUNDLED_MODEL  # what every --model / model= default means

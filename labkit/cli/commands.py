@@ -156,15 +156,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_assign(args) -> int:
-    from labkit.course.assign import make_student_notebooks
+    from labkit.course.release import make_release
 
-    for path in make_student_notebooks(args.src, args.out):
-        print(path)
-    if args.answer_key:
+    key = Path(args.answer_key).resolve() if args.answer_key else None
+    out = Path(args.out).resolve()
+    if key is not None and (key == out or out in key.parents):
+        raise ValueError(f"--answer-key {args.answer_key!r} is inside the release folder "
+                         f"{args.out!r}; write it outside the release")
+    release = make_release(args.out, args.src, args.data, with_zip=not args.no_zip,
+                           wheel=not args.no_wheel)
+    print(f"release: {release.folder} ({len(release.files)} files)")
+    if release.zip:
+        print(f"zip: {release.zip}")
+    if key is not None:
         from labkit.course.answer_key import answer_key
 
-        Path(args.answer_key).write_text(answer_key(args.src) + "\n")
-        print(args.answer_key)
+        key.write_text(answer_key(args.src) + "\n")
+        print(f"answer key (instructors only): {args.answer_key}")
     return 0
 
 

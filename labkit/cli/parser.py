@@ -10,7 +10,7 @@ import argparse
 
 import labkit.cli.commands as commands
 from labkit.bench.batching import CONTINUOUS_ENGINES
-from labkit.config import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
+from labkit.config import DATA_DIR, DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
 from labkit.course.assign import RELEASE_DIR, SOURCE_DIR
 from labkit.course.runner import CELL_TIMEOUT_S
 from labkit.metrics import BENCH_KINDS
@@ -130,11 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "back over its notebook: outputs kept, papermill's parameters cell dropped")
     p.set_defaults(func=commands.cmd_run)
 
-    p = sub.add_parser("assign", help="write student notebooks (solutions stubbed)")
-    p.add_argument("--src", default=SOURCE_DIR, help="folder of the solution notebooks")
-    p.add_argument("--out", default=RELEASE_DIR, help="folder for the student notebooks")
+    p = sub.add_parser("assign", help="write the student release: notebooks (solutions "
+                       "stubbed), data, README, labkit's wheel; a folder and a zip",
+                       description="Write the student release (layout: labkit/course/assign.py)"
+                       ": student notebooks, the data the labs read, a student README and "
+                       "labkit's wheel, as a folder and OUT.zip. No rubric, hidden check, "
+                       "solution or answer key goes in.")
+    p.add_argument("--src", default=str(SOURCE_DIR), help="folder of the solution notebooks "
+                   "(default: the repository's notebooks/, from any current folder)")
+    p.add_argument("--data", default=str(DATA_DIR), help="folder of the data the labs read; its "
+                   "*.txt, *.jsonl, *.json, *.csv and SOURCES.md are copied, never rubrics/ "
+                   "(default: labkit's data folder)")
+    p.add_argument("--out", default=RELEASE_DIR, help="release folder, replaced if it holds a "
+                   "release written before (default: ./release)")
+    p.add_argument("--no-zip", action="store_true", help="write the folder only, not OUT.zip")
+    p.add_argument("--no-wheel", action="store_true", help="leave labkit's wheel out (building "
+                   "it needs the repository and pip); the README then says to install from "
+                   "the course repository")
     p.add_argument("--answer-key", metavar="FILE", help="also write the instructors' answer key "
-                   "(Markdown: knowledge checks, answers, why) to FILE; never hand it out")
+                   "(Markdown: knowledge checks, answers, why) to FILE, outside the release "
+                   "folder; never hand it out")
     p.set_defaults(func=commands.cmd_assign)
 
     p = sub.add_parser("grade", help="execute and score every submission in a folder")

@@ -1,5 +1,21 @@
 """Student notebooks from solution notebooks: the solution notebook is the single source.
 
+``labkit assign`` writes a release a student can use on their own machine
+(``labkit.course.release.make_release``; ``--out`` defaults to ``release`` in the current
+folder, the sources to the repository's ``notebooks/`` and ``data/`` wherever labkit runs from)::
+
+    release/
+      README.md                 install, each lab's time, graded and record cells, what to hand in
+      00_setup.ipynb ...        one student notebook per lab (NN_name.ipynb): solutions stubbed,
+                                hidden tests and quiz answers removed, outputs cleared
+      data/                     the files the labs read: data/*.txt, *.jsonl, *.json, *.csv and
+                                SOURCES.md (never data/rubrics/)
+      labkit-<version>-py3-none-any.whl   the package to install (unless --no-wheel)
+    release.zip                 the same files under release/ (unless --no-zip)
+
+Never in a release: a rubric, a hidden check, a solution, a quiz answer or the answer key
+(``--answer-key FILE`` writes that outside the release folder only).
+
 In a solution notebook:
 - ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` wraps what the student writes; the student version
   replaces the whole block (markers included) with ``raise NotImplementedError("Exercise: ...")``
@@ -20,10 +36,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from labkit.config import LAB_NOTEBOOKS
+from labkit.config import LAB_NOTEBOOKS, NOTEBOOKS_DIR
 from labkit.course.runner import INJECTED_TAG
 
-SOURCE_DIR, RELEASE_DIR = "notebooks", "release"  # solution and student notebooks (relative)
+SOURCE_DIR = NOTEBOOKS_DIR  # the solution notebooks (the repository's, from any folder)
+RELEASE_DIR = "release"  # the student release (relative to the current folder)
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 ANSWER = "### ANSWER"
@@ -145,7 +162,8 @@ def make_student_notebooks(src_dir: str | Path = SOURCE_DIR, out_dir: str | Path
 
     sources = sorted(Path(src_dir).glob(pattern))
     if not sources:
-        raise FileNotFoundError(f"no notebooks matching {pattern!r} in {str(src_dir)!r}")
+        raise FileNotFoundError(f"no notebooks matching {pattern!r} in {str(src_dir)!r} (the "
+                                f"solution notebooks of the course repository: pass --src DIR)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
