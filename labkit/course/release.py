@@ -134,7 +134,9 @@ def student_readme(labs: list[tuple[str, object]], wheel: str | None = None) -> 
         "delete or reorder the lab's cells. The grader also runs checks you do not see, on the "
         "functions you wrote, outside your notebook.", "",
         "## What to hand in", "",
-        "Each lab's notebook file (`.ipynb`), the way your instructor asks for it. Before you "
+        "Each lab's notebook file, its name unchanged (`01_profiling.ipynb`), the way your "
+        "instructor collects it (`labkit grade` takes one file per student, or a folder per "
+        "student holding the labs' files). Before you "
         "hand it in, run it from the top (Kernel > Restart Kernel and Run All Cells) on a CPU: "
         "the grader executes it again in the `ci` profile with a time limit, so it must run "
         "top to bottom without you. Outputs you saved are not trusted; the grade comes from "
