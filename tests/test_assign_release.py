@@ -147,6 +147,15 @@ def test_data_dir_is_the_repository_s_in_a_checkout_and_the_package_s_elsewhere(
     assert data_dir(site, site / "labkit") == site / "labkit" / "data"
 
 
+def test_an_installed_wheel_keeps_its_kernel_state_out_of_site_packages(tmp_path, monkeypatch):
+    from labkit.course import kernels
+
+    assert kernels.state_dir() == PROJECT_ROOT / ".cache"
+    monkeypatch.setattr(kernels, "in_repository", lambda: False)
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path / "home"))
+    assert kernels.state_dir() == tmp_path / "home" / "state"
+
+
 def test_pyproject_packages_every_subpackage():
     cfg = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = {".".join(p.parent.relative_to(PROJECT_ROOT).parts)

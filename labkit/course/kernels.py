@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from labkit.config import PROJECT_ROOT
+from labkit.config import PROJECT_ROOT, in_repository, labkit_home
 from labkit.course.sandbox import Box, Limits, command, lock_runtime
 
 # Plots must reach the notebook as image/png even when the caller set MPLBACKEND=Agg.
@@ -33,8 +33,9 @@ PLOT_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 def state_dir() -> Path:
-    """Where Jupyter/IPython/matplotlib state goes: ``<project>/.cache`` if writable, else temp."""
-    root = PROJECT_ROOT / ".cache"
+    """Where Jupyter/IPython/matplotlib state goes: ``<project>/.cache`` in the repository,
+    ``<LABKIT_HOME>/state`` in an installed wheel (never site-packages), if writable; else temp."""
+    root = PROJECT_ROOT / ".cache" if in_repository() else labkit_home() / "state"
     try:
         root.mkdir(parents=True, exist_ok=True)
         if os.access(root, os.W_OK):
