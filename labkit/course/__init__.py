@@ -8,8 +8,8 @@ the modules here read them back.
 | kernels  | Jupyter kernels for headless runs and where their state lives                 |
 | runner   | ``labkit run``: execute labs under papermill, summary.json                    |
 | report   | the self-contained HTML report of a run                                       |
-| assign   | student notebooks from the solution notebooks; the release layout            |
-| release  | ``labkit assign``: the student folder and zip (notebooks, data, README)     |
+| assign   | student notebooks from the solution notebooks; the release layout             |
+| release  | ``labkit assign``: the student folder and zip (notebooks, data, README)       |
 | publish  | executed runs into the committed notebooks, without papermill's cell          |
 | tamper   | the static scan of student-written cells (the grader's first line)            |
 | rubric   | ``Check``, ``Rubric``, ``load_rubric``: data/rubrics/labNN.toml, validated    |
