@@ -120,3 +120,39 @@ def test_right_untouched_and_wrong_answers_are_graded_with_feedback(tmp_path):
     assert "a is not right; the answer is C" in wrong.feedback and WHY in wrong.feedback
     assert f"Why A is tempting: {TEMPTING}" in wrong.feedback
     assert "2 is not right; the answer is 4.0" in wrong.feedback
+
+
+QUIZ_LABS = [f"{n:02d}" for n in range(7)]   # labs 00-06: 3 to 5 knowledge checks each (issue 17)
+
+
+@pytest.mark.parametrize("lab", QUIZ_LABS)
+def test_each_lab_keys_three_to_five_checks_its_solution_answers_right(lab):
+    """Static half of 'the solution gets full marks, the untouched release zero': every
+    ``### ANSWER`` line of the solution notebook is right by the rubric's key, the stub the
+    release gets (None) is not, each wrong choice says why it is tempting, and the key builds."""
+    import ast
+    import re
+
+    from labkit.course.assign import stub_answers
+    from labkit.quiz import load_keys
+
+    keys = load_keys(lab)
+    assert 3 <= len(keys) <= 5, f"lab {lab}: {len(keys)} knowledge checks"
+    rubric = load_rubric(int(lab))
+    assert rubric.closing and rubric.closing.get("model_answer"), f"lab {lab}: no closing answer"
+    asked = questions_in(rubric.notebook)
+    lab_key(rubric)   # questions and keys agree
+    answers = {}
+    for cell in nbformat.read(rubric.notebook, as_version=4).cells:
+        for line in cell.source.splitlines():
+            m = re.match(r"^\s*(q\d\d_\w+)\s*=\s*(.*?)\s*###\s*ANSWER\s*$", line)
+            if m:
+                answers[m.group(1)] = ast.literal_eval(m.group(2))
+                stub = stub_answers(line).strip()
+                assert stub == f"{m.group(1)} = None  # your answer", stub
+    assert set(answers) == set(keys), f"lab {lab}: answered {sorted(answers)}, keyed {sorted(keys)}"
+    for name, key in keys.items():
+        assert key.is_right(answers[name]) and not key.is_right(None), name
+        choices = asked[name]["choices"] or {}
+        missing = set(choices) - {key.answer} - set(key.wrong)
+        assert not missing, f"{name}: no 'why tempting' for {sorted(missing)}"
