@@ -89,7 +89,7 @@ def test_cli_bad_engine_exits_nonzero_with_choices():
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--port", "99999"], "argument --port: must be <= 65535, got 99999"),
     (["bench", "cache", "--num-requests", "0"], "argument --num-requests: must be >= 1, got 0"),
-    (["run", "--timeout", "-1"], "argument --timeout: must be > 0, got -1"),
+    (["run", "--cell-timeout", "-1"], "argument --cell-timeout: must be > 0, got -1"),
     (["generate", "hi", "--max-tokens", "many"],
      "argument --max-tokens: expected an integer, got 'many'"),
 ])

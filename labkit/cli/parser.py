@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="[NN:]K=V",
                    help="notebook parameter; NN:K=V for lab NN only (e.g. 01:MODEL=synthetic-8b)")
     p.add_argument("--out", help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--timeout", type=SECONDS, default=CELL_TIMEOUT_S, help="per-cell timeout (s)")
+    p.add_argument("--cell-timeout", type=SECONDS, default=CELL_TIMEOUT_S,
+                   help=f"limit of each cell (s; default {CELL_TIMEOUT_S:g})")
     p.add_argument("--gpus", help="run labs side by side, one per GPU, e.g. 0,1")
     p.add_argument("--publish", action="store_true", help="write each lab that ran without error "
                    "back over its notebook: outputs kept, papermill's parameters cell dropped")
