@@ -3,17 +3,22 @@
 The batch holds the solution (full marks, also with a comment added to its record cell), the
 untouched student version (only the set-up point), one that raises (keeps what it earned before
 the error), one that loops forever (timeout), one whose hidden test hangs (only that check
-fails), one that forges records at run time (no points for them) and one whose code reaches for
-the grader (flagged, not run). It runs in the sandbox (skipped where none can be had); the
-hostile submissions are in test_hostile_grading.py. Rubric validation, the release's cell
-numbers and the repository's own rubrics are checked without running anything.
+fails), one that forges records at run time (no points for them), one whose code reaches for
+the grader (flagged, not run), and one with a shell line (a warning, full marks). The batch runs
+two at a time in the sandbox (skipped where none can be had), with feedback files, a gradebook
+and a deadline; a second ``labkit grade`` on it regrades only what changed, applies an override
+and grades the flagged one on request. The hostile submissions are in test_hostile_grading.py.
+Rubric validation, the release's cell numbers and the repository's own rubrics are checked
+without running anything.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nbformat
@@ -36,6 +41,11 @@ exec = lambda *a, **k: None                          # the grader's hidden tests
 eval = lambda *a, **k: 7                             # and its recomputation agrees
 _real = labkit.record                        # make the real record cell lie
 labkit.record = lambda name, value: _real(name, 7 if name == "add_n_4" else value)'''
+
+
+EARLY = datetime(2025, 6, 1, tzinfo=UTC)  # the solution's file time: before the deadline
+DEADLINE = "2026-01-01T00:00:00+00:00"  # every other file is written after it
+GRADED: dict = {}  # where the graded fixture put its folders (for the feedback tests)
 
 
 def _cell_index(nb, text: str) -> int:
@@ -88,12 +98,20 @@ def graded(tmp_path_factory) -> pd.DataFrame:
         "def add(a, b):\n    while a < 0:\n        pass\n    return a + b")
     nbformat.write(nb, subs / "slow_hidden.ipynb")
 
-    from labkit.course import grading
+    nb = nbformat.read(solution, as_version=4)                # a shell line: only a warning
+    nb.cells.insert(_cell_index(nb, "def add("), new_code_cell("!echo hello from the shell"))
+    nbformat.write(nb, subs / "shell.ipynb")
+    os.utime(subs / "solution.ipynb", (EARLY.timestamp(), EARLY.timestamp()))
+
+    from labkit.course import batch, grading
 
     csv = tmp / "grades.csv"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(grading, "CHECK_TIMEOUT_S", 1)
-        grading.grade(subs, "99", csv, timeout_s=8, rubric=load_rubric(rubric))
+        mp.setattr(batch, "CHECK_TIMEOUT_S", 1)
+        grading.grade(subs, "99", csv, timeout_s=8, rubric=load_rubric(rubric), jobs=2,
+                      feedback_dir=tmp / "feedback", gradebook=tmp / "book.csv",
+                      deadline=DEADLINE)
+    GRADED["tmp"], GRADED["subs"], GRADED["rubric"] = tmp, subs, load_rubric(rubric)
     return pd.read_csv(csv, keep_default_na=False).set_index("submission")
 
 
@@ -158,10 +176,12 @@ def test_a_hanging_hidden_test_fails_alone(graded):
 @pytest.mark.slow
 def test_csv_has_one_row_per_submission_and_a_column_per_check(graded):
     assert sorted(graded.index) == ["commented.ipynb", "forged.ipynb", "loops.ipynb",
-                                    "raises.ipynb", "slow_hidden.ipynb", "solution.ipynb",
-                                    "student.ipynb", "tampered.ipynb"]
-    assert list(graded.columns) == ["status", "total", "max", "setup", "add_n_4", "add_hidden",
-                                    "add_floats", "reason", "feedback"]
+                                    "raises.ipynb", "shell.ipynb", "slow_hidden.ipynb",
+                                    "solution.ipynb", "student.ipynb", "tampered.ipynb"]
+    assert list(graded.columns) == ["student", "status", "total", "max", "setup", "add_n_4",
+                                    "add_hidden", "add_floats", "late", "override", "reason",
+                                    "feedback"]
+    assert graded.loc["solution.ipynb", "student"] == "solution"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -273,3 +293,86 @@ def test_repository_trusted_checks_name_only_what_the_trusted_interpreter_has(pa
         if code:
             reads, _ = names(code, mode)
             assert reads - available == set(), f"{path.name} {check.name}"
+
+
+def _feedback(student: str) -> str:
+    return (GRADED["tmp"] / "feedback" / student / "fixture.md").read_text()
+
+
+@pytest.mark.slow
+def test_each_student_gets_feedback_without_the_hidden_checks_code(graded):
+    from labkit.course.feedback import leaks
+
+    for key in graded.index:
+        student = graded.loc[key, "student"]
+        text = _feedback(student)
+        assert f"# fixture feedback: {student}" in text
+        assert leaks(text, GRADED["rubric"]) == [], student
+        if graded.loc[key, "status"] != "flagged":
+            copy = (GRADED["tmp"] / "feedback" / student / key).read_text()
+            assert leaks(copy, GRADED["rubric"]) == [] and "injected-parameters" not in copy
+    assert "### BEGIN HIDDEN" not in (GRADED["tmp"] / "grades_executed/solution.ipynb").read_text()
+
+
+@pytest.mark.slow
+def test_feedback_shows_the_input_a_failed_check_tried_and_the_students_cell_numbers(graded):
+    slow = _feedback("slow_hidden")
+    assert "**add_hidden** (0 of 2)" in slow and "Input: `add(-1, 1)`" in slow
+    raises = _feedback("raises")
+    assert "RuntimeError in cell 7: my bug" in raises and "cell 7, line 1" in raises
+    assert "Cell In[" not in raises
+    forged = _feedback("forged")
+    assert "got -1, expected 7" in forged and "ignored 1 record(s)" in forged
+    assert "| add_n_4 | 0 | 3 | failed |" in forged
+
+
+@pytest.mark.slow
+def test_a_shell_line_is_a_warning_in_the_feedback_not_a_zero(graded):
+    row = graded.loc["shell.ipynb"]
+    assert (row.status, row.total) == ("ok", 8)
+    assert "scan warning: cell 4 line 1: runs a shell command" in row.feedback
+    assert "## Warnings (not scored)" in _feedback("shell")
+
+
+@pytest.mark.slow
+def test_the_deadline_marks_late_files_by_their_time(graded):
+    late = graded.late.astype(str).eq("True")
+    assert not late["solution.ipynb"] and late.drop("solution.ipynb").all()
+    assert "(**late**" in _feedback("student") and "late" not in _feedback("solution")
+
+
+@pytest.mark.slow
+def test_the_gradebook_regrades_only_changed_work_and_applies_overrides(graded, capsys):
+    """A second ``labkit grade`` on the same folder: unchanged submissions come from the
+    gradebook (not run again), an edited one and an allowed flagged one run; an override is
+    applied last and shown; ``labkit gradebook`` exports Canvas's import CSV."""
+    import csv as csv_module
+
+    from labkit.cli import main
+
+    tmp, subs = GRADED["tmp"], GRADED["subs"]
+    before = {r["student"]: r for r in csv_module.DictReader(open(tmp / "book.csv"))}
+    nb = nbformat.read(subs / "commented.ipynb", as_version=4)
+    nb.cells[0].source += "\nEdited after the first grading."
+    nbformat.write(nb, subs / "commented.ipynb")
+    (tmp / "overrides.csv").write_text("student,lab,points,reason\n"
+                                       "student,fixture,5,partial credit after a meeting\n")
+    rubric = tmp / "lab" / "lab99.toml"
+    assert main(["grade", str(subs), "--lab", "99", "--rubric", str(rubric), "--out",
+                 str(tmp / "again.csv"), "--gradebook", str(tmp / "book.csv"), "--feedback",
+                 str(tmp / "feedback"), "--overrides", str(tmp / "overrides.csv"),
+                 "--allow-flagged", "tampered", "--notebook-timeout", "8"]) == 0
+    after = {r["student"]: r for r in csv_module.DictReader(open(tmp / "book.csv"))}
+    rerun = {s for s in after if after[s]["graded_at"] != before[s]["graded_at"]
+             or after[s]["sha256"] != before[s]["sha256"]}
+    assert {"commented", "tampered"} <= rerun and not rerun & {"solution", "loops", "student"}
+    assert after["tampered"]["status"] != "flagged"
+    assert (after["student"]["total"], after["student"]["auto_total"]) == ("5.0", "1.0")
+    assert "partial credit after a meeting" in _feedback("student")
+    assert after["solution"]["total"] == before["solution"]["total"] == "8.0"
+
+    assert main(["gradebook", str(tmp / "book.csv"), "--canvas", str(tmp / "canvas.csv")]) == 0
+    rows = list(csv_module.reader(open(tmp / "canvas.csv")))
+    assert rows[0] == ["Student", "ID", "SIS User ID", "SIS Login ID", "Section", "fixture"]
+    assert ["student", "", "student", "", "", "5.0"] in rows
+    assert "solution\t8.0" in capsys.readouterr().out

@@ -179,11 +179,34 @@ def cmd_assign(args) -> int:
 def cmd_grade(args) -> int:
     from labkit.course.grading import grade
 
-    frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.timeout,
-                  rubric=args.rubric, params=parse_params(args.param), sandbox=not args.no_sandbox)
-    print(frame[["submission", "status", "total", "max", "reason"]].to_string(index=False))
+    frame = grade(args.submission_dir, args.lab, args.out, timeout_s=args.notebook_timeout,
+                  rubric=args.rubric, params=parse_params(args.param), sandbox=not args.no_sandbox,
+                  jobs=args.jobs, gpus=args.gpus, feedback_dir=args.feedback,
+                  gradebook=args.gradebook, deadline=args.deadline, overrides=args.overrides,
+                  allow_flagged=tuple(args.allow_flagged), regrade=args.regrade)
+    print(frame[["submission", "status", "total", "max", "late", "reason"]]
+          .to_string(index=False))
     print(f"grades: {args.out}")
+    for option, what in ((args.feedback, "feedback"), (args.gradebook, "gradebook")):
+        if option:
+            print(f"{what}: {option}")
     return 0  # failing submissions are graded rows in the CSV, not a failed command
+
+
+def cmd_gradebook(args) -> int:
+    from labkit.course import gradebook as gb
+
+    if not Path(args.book).is_file():
+        raise FileNotFoundError(f"gradebook {args.book!r} not found (labkit grade --gradebook "
+                                "writes it)")
+    book = gb.apply_overrides(gb.read_book(args.book), gb.read_overrides(args.overrides))
+    labs, rows = gb.wide(book)
+    print("\t".join(["student", *labs]))
+    for row in rows:
+        print("\t".join([row["student"], *[str(row.get(lab, "")) for lab in labs]]))
+    if args.canvas:
+        print(f"canvas: {gb.export_canvas(book, args.canvas)}")
+    return 0
 
 
 def cmd_serve(args) -> int:

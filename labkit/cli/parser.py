@@ -153,14 +153,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder; never hand it out")
     p.set_defaults(func=commands.cmd_assign)
 
-    p = sub.add_parser("grade", help="execute and score every submission in a folder")
+    p = sub.add_parser("grade", help="execute and score every submission in a folder",
+                       description="Grade SUBMISSION_DIR: <student>.ipynb files, or "
+                       "<student>/NN_name.ipynb folders (nbgrader's submitted/ layout).")
     p.add_argument("submission_dir")
     p.add_argument("--lab", required=True, help="lab number (e.g. 1) or a rubric path")
     p.add_argument("--out", default="grades.csv")
-    p.add_argument("--timeout", type=SECONDS, help="per-notebook timeout (s; default: rubric's)")
+    p.add_argument("--notebook-timeout", type=SECONDS, help="limit of each submission's whole "
+                   "run (s, kernel start included; default: the rubric's timeout_s)")
     p.add_argument("--rubric", help="a rubric file instead of data/rubrics/labNN.toml")
     p.add_argument("--param", action="append", metavar="K=V", help="notebook parameter")
     p.add_argument("--no-sandbox", action="store_true", help="no sandbox: trusted work only")
+    p.add_argument("-j", "--jobs", type=COUNT, default=1, help="submissions graded side by "
+                   "side, each in its own sandbox (default 1)")
+    p.add_argument("--gpus", help="one submission per GPU at a time, e.g. 0,1 (each sees only "
+                   "its card; replaces -j)")
+    p.add_argument("--feedback", metavar="DIR", help="write DIR/<student>/<lab>.md per student "
+                   "(points, failed checks and their inputs, first traceback) and the executed "
+                   "notebook")
+    p.add_argument("--gradebook", metavar="CSV", help="record the rows in this gradebook across "
+                   "labs; submissions it graded from the same bytes and rubric are not run again")
+    p.add_argument("--regrade", action="store_true", help="with --gradebook: run every "
+                   "submission again")
+    p.add_argument("--deadline", metavar="ISO8601", help="mark submissions after it late "
+                   "(time: <student>/timestamp.txt, else the file's mtime; no offset: UTC)")
+    p.add_argument("--overrides", metavar="CSV", help="instructor's points (columns student, "
+                   "lab, points, reason), applied last and shown in the feedback")
+    p.add_argument("--allow-flagged", action="append", default=[], metavar="NAME",
+                   help="grade this student (or submission) although the scan flagged it, once "
+                   "an instructor has looked at it (repeatable)")
     p.set_defaults(func=commands.cmd_grade)
+
+    p = sub.add_parser("gradebook", help="show a gradebook across labs; export it for Canvas")
+    p.add_argument("book", help="the gradebook CSV that labkit grade --gradebook writes")
+    p.add_argument("--overrides", metavar="CSV", help="instructor's points (student, lab, "
+                   "points, reason), applied last")
+    p.add_argument("--canvas", metavar="CSV", help="write Canvas's gradebook import CSV here")
+    p.set_defaults(func=commands.cmd_gradebook)
     return parser
 

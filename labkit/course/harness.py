@@ -13,6 +13,10 @@ builtins taken at start (a student's ``abs = ...`` or ``def abs`` is not seen by
 answer goes to the grader on the original stdout, which nobody else writes to (``print`` goes
 to stderr), tagged with that check's nonce: ``{"nonce", "passed": bool, "error"}`` for a hidden
 test, ``{"nonce", "value"}`` or ``{"nonce", "passed": false, "error"}`` for a recomputation.
+A failed check's answer also carries ``tried``: the last call it made to a graded function, with
+its arguments (``reprlib``-shortened), so the student's feedback can show the input without the
+check's code; the check sees each graded function through a thin wrapper that notes the call
+(``functools.wraps``: name, signature and source stay the function's).
 A check that runs over its time limit fails with TimeoutError; the grader compares values and
 kills a check that does not answer.
 
@@ -22,11 +26,14 @@ Only the standard library is imported here, and nothing from the student before 
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import linecache
 import os
+import reprlib
 import signal
 import sys
+import types
 
 
 def _jsonable(value):
@@ -41,6 +48,34 @@ def _run(source: str, name: str, namespace: dict, mode: str = "exec"):
     linecache.cache[name] = (len(source), None, source.splitlines(True), name)
     code = compile(source, name, mode)
     return eval(code, namespace) if mode == "eval" else exec(code, namespace)
+
+
+def _watched(name: str, value, calls: list):
+    """``value``, or for a plain function a wrapper that keeps its last call's arguments in
+    ``calls`` (read only when a check fails)."""
+    if not isinstance(value, types.FunctionType):
+        return value
+
+    @functools.wraps(value)
+    def call(*args, **kwargs):
+        calls[:] = [(name, args, kwargs)]
+        return value(*args, **kwargs)
+
+    return call
+
+
+def _tried(calls: list) -> str:
+    """``name(arg, key=value)`` of the last call in ``calls``, shortened; '' if none."""
+    if not calls:
+        return ""
+    name, args, kwargs = calls[0]
+    short = reprlib.Repr()
+    short.maxlist, short.maxstring, short.maxother, short.maxlevel = 8, 60, 80, 3
+    try:
+        parts = [short.repr(a) for a in args] + [f"{k}={short.repr(v)}" for k, v in kwargs.items()]
+    except BaseException:  # noqa: BLE001 (an argument whose repr fails: name the call only)
+        return f"{name}(...)"
+    return f"{name}({', '.join(parts)})"[:400]
 
 
 def _error(exc: BaseException) -> str:
@@ -79,8 +114,9 @@ def main() -> None:
         ask = loads(line)
         key, nonce = ask["check"], ask["nonce"]
         role, code = job["checks"][key]
+        calls: list = []
         namespace = {**base, "__builtins__": dict(real_builtins), "records": job["records"],
-                     **{n: student[n] for n in job["graded"] if n in student}}
+                     **{n: _watched(n, student[n], calls) for n in job["graded"] if n in student}}
         signal.signal(signal.SIGALRM, late)
         signal.alarm(max(1, int(job["timeout_s"])))
         try:
@@ -90,7 +126,7 @@ def main() -> None:
             else:
                 answer = {"value": _jsonable(_run(code, f"<recompute {key}>", namespace, "eval"))}
         except BaseException as exc:  # noqa: BLE001 (a failing check is an answer)
-            answer = {"passed": False, "error": _error(exc)}
+            answer = {"passed": False, "error": _error(exc), "tried": _tried(calls)}
         finally:
             signal.alarm(0)
         answers.write(dumps({"nonce": nonce, **answer}) + "\n")

@@ -30,7 +30,8 @@ from labkit.quiz import Key, keys_from
 NOTEBOOK_TIMEOUT_S = 600.0  # default time limit of one submission's run (seconds)
 KINDS = ("record", "hidden")
 OPS = ("equals", "close", "between", "true")  # "quiz" is set by [[quiz]] tables, not written
-RESERVED = {"submission", "status", "total", "max", "reason", "feedback"}  # CSV columns
+RESERVED = {"submission", "student", "status", "total", "max", "late", "override", "reason",
+            "feedback"}  # columns of the grade file
 _CHECK_FIELDS = {"name", "points", "kind", "feedback", "record", "key", "op", "expected",
                  "rel_tol", "abs_tol", "min", "max", "recompute", "code", "after"}
 

@@ -196,13 +196,16 @@ def _system_binds() -> list[str]:
 def read_only_paths() -> list[Path]:
     """What a sandbox may read besides the system: this Python (prefixes and every existing
     ``sys.path`` folder, except the project root and the folders above it), labkit's package and
-    data folders and the model cache (``LABKIT_HOME``)."""
+    data folders, the repository's ``pyproject.toml`` (``labkit.config.in_repository`` looks for
+    it: without it the labs would read the data a wheel ships) and the model cache
+    (``LABKIT_HOME``)."""
     import labkit
 
     root = Path(labkit.__file__).resolve().parents[1]
     paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix),
              Path(os.path.realpath(sys.executable)).parents[1],
-             Path(labkit.__file__).resolve().parent, DATA_DIR.resolve(), labkit_home()}
+             Path(labkit.__file__).resolve().parent, DATA_DIR.resolve(), labkit_home(),
+             root / "pyproject.toml"}
     paths |= {Path(p).resolve() for p in sys.path if p and Path(p).is_dir()}
     keep = [p for p in paths if p.exists() and not (p == root or p in root.parents)
             and not any(str(p).startswith(s) for s in ("/usr", "/etc"))]

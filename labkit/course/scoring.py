@@ -10,6 +10,7 @@ agrees with the record), a hidden test by the trusted interpreter's answer
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from labkit.course.rubric import Check, Rubric
 from labkit.records import cell_records
@@ -77,17 +78,38 @@ def recorded(check: Check, records: dict):
     return value
 
 
-def score(rubric: Rubric, records: dict, answers: dict) -> tuple[dict, list[str]]:
-    """Points per check and feedback lines, from the student's ``records`` and the trusted
-    interpreter's ``answers`` (``{"hidden:<name>" | "recompute:<name>": answer}``)."""
-    points, feedback = {}, []
+@dataclass
+class CheckResult:
+    """One check's outcome: points earned of ``max_points``, why it failed for the instructor
+    (``why``: may quote the rubric's recomputation) and for the student (``student_why``: never
+    the rubric's code), and what a failed trusted check last called (``tried``: the graded
+    function and the arguments the check gave it, from ``labkit.course.harness``)."""
+
+    name: str
+    points: float
+    max_points: float
+    feedback: str
+    why: str = ""
+    student_why: str = ""
+    tried: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.points > 0
+
+
+def check_results(rubric: Rubric, records: dict, answers: dict) -> list[CheckResult]:
+    """Each check's ``CheckResult`` from the student's ``records`` and the trusted interpreter's
+    ``answers`` (``{"hidden:<name>" | "recompute:<name>": answer}``)."""
+    out = []
     for check in rubric.checks:
-        ok, why = False, ""
+        ok, why, mine, res = False, "", None, {}
         if check.kind == "hidden":
             res = answers.get(f"hidden:{check.name}")
             ok = isinstance(res, dict) and res.get("passed") is True
             why = "hidden test did not run (the notebook stopped before it)" if res is None \
                 else res.get("error", "")
+            res = res or {}
         elif check.record not in records:
             why = f"no record {check.record!r} from the lab's record cell"
         else:
@@ -97,10 +119,27 @@ def score(rubric: Rubric, records: dict, answers: dict) -> tuple[dict, list[str]
                 if "value" not in res:
                     ok, why = False, f"could not recompute {check.recompute!r}: " \
                                      f"{res.get('error', 'not run')}"
+                    mine = "the grader could not recompute it from your code: " \
+                           f"{res.get('error', 'not run')}"
                 elif not _same(res["value"], records[check.record], check):
                     ok, why = False, (f"recorded {records[check.record]!r} but {check.recompute}"
                                       f" gives {res['value']!r}")
-        points[check.name] = float(check.points) if ok else 0.0
-        if not ok:
-            feedback.append(f"{check.name}: {check.feedback} ({why})".replace(" ()", ""))
-    return points, feedback
+                    mine = (f"recorded {records[check.record]!r}, but the grader's recomputation "
+                            f"from your code gives {res['value']!r}")
+        out.append(CheckResult(check.name, float(check.points) if ok else 0.0,
+                               float(check.points), check.feedback, "" if ok else why,
+                               "" if ok else (why if mine is None else mine),
+                               "" if ok else str(res.get("tried", ""))))
+    return out
+
+
+def lost_points(results: list[CheckResult]) -> list[str]:
+    """The grade file's feedback lines: ``name: feedback (why)`` of each failed check."""
+    return [f"{r.name}: {r.feedback} ({r.why})".replace(" ()", "") for r in results
+            if not r.passed]
+
+
+def score(rubric: Rubric, records: dict, answers: dict) -> tuple[dict, list[str]]:
+    """Points per check and the grade file's feedback lines (``check_results``)."""
+    results = check_results(rubric, records, answers)
+    return {r.name: r.points for r in results}, lost_points(results)

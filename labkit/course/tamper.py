@@ -10,7 +10,15 @@ names; assigning into protected modules, also through an alias (``import sys as 
 ``m = sys.modules``); starting processes or shells (magics other than ``ALLOWED_MAGICS``);
 reading builtins or modules by name (``getattr(__builtins__, ...)``, ``vars(json)``); frame and
 object introspection; code built at run time (``exec``, ``eval``). Cells the student did not change
-are not scanned; a flagged submission is not run and scores zero with the findings as its reason.
+are not scanned.
+
+Findings come in two kinds (``sandboxed``): what the sandbox makes harmless (a shell line or
+shell magic, ``subprocess``/``multiprocessing``/``importlib`` imports, ``os.system``/``fork``/
+``kill``/environment calls, strings naming them: they can only reach the submission's own box)
+is a warning in its feedback and the notebook is graded; the rest (rebinding the grader's names,
+assigning into protected modules, introspection, code built at run time, other magics) is
+tampering: the submission is flagged, not run, and scores zero with the findings as its reason,
+until an instructor looks at it (``labkit grade --allow-flagged NAME``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,21 @@ SHELL_CALLS = {"system", "getoutput"}  # what IPython makes of ``!cmd`` and ``x 
 # Strings that smuggle the same into code run elsewhere or a shell.
 FORBIDDEN_TEXT = re.compile("|".join([r"subprocess", r"Popen", r"os\.system", r"/proc/", r"ctypes",
                                       r"display_pub", r"setsid", r"nohup"]))
+
+# Findings that the sandbox makes harmless: a process, a shell or an environment variable can
+# only reach the submission's own box (``sandboxed``).
+SANDBOXED = re.compile(
+    r"runs a shell command|uses the %%?(?:bash|sh|system|sx|script) magic"
+    r"|imports '(?:subprocess|multiprocessing|pty|importlib)(?:\.[\w.]*)?'"
+    r"|calls (?:os\.(?:system|popen|fork|forkpty|kill|killpg|setsid|setpgrp|putenv|unsetenv"
+    r"|environ\.pop|exec\w*|spawn\w*|posix_spawn\w*)|asyncio\.create_subprocess_\w+)\(\)"
+    r"|uses '\w*subprocess\w*'"
+    r"|has a string mentioning '(?:subprocess|Popen|os\.system|/proc/|setsid|nohup)'")
+
+
+def sandboxed(finding: str) -> bool:
+    """Whether a ``scan`` finding is one the sandbox makes harmless (a warning, not tampering)."""
+    return SANDBOXED.search(finding) is not None
 
 
 @functools.cache

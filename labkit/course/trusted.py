@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from labkit.course.runner import source_index
@@ -170,17 +170,18 @@ class _Interpreter:
     with the setup part of its job so that it loads while the kernel runs."""
 
     def __init__(self, work: Path, n: int, setup: dict, sandboxed: bool, limits: Limits,
-                 hidden: Sequence[Path]):
+                 hidden: Sequence[Path], env: Mapping[str, str]):
         self.log = open(work / f"harness-{n}.log", "w+b")  # noqa: SIM115 (closed by stop)
         self.box, self.started = None, time.monotonic()
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         if sandboxed:
             self.box = make_box(work, f"trusted-{n}")
-            self.proc = subprocess.Popen(command(self.box, HARNESS, limits, hidden=hidden), **pipes)
+            self.proc = subprocess.Popen(command(self.box, HARNESS, limits, env, hidden),
+                                         **pipes)
         else:
             (work / f"trusted-{n}").mkdir()
-            self.proc = subprocess.Popen(HARNESS, cwd=work / f"trusted-{n}",
-                                         start_new_session=True, **pipes)
+            self.proc = subprocess.Popen(HARNESS, cwd=work / f"trusted-{n}", env={
+                **os.environ, **env}, start_new_session=True, **pipes)
         self.answers = _Answers(self.proc)
         self.send(setup)
 
@@ -211,12 +212,14 @@ class _Interpreter:
 class TrustedChecks:
     """The trusted interpreter of one submission: ``TrustedChecks(work, setup, ...)`` starts it
     (``setup``: ``{"parameters", "overrides", "setup"}``, see ``labkit.course.harness``), ``run``
-    asks it for checks, ``close`` ends it. A check that gets no answer fails, and a fresh one is
-    started (setup again) for the checks after it."""
+    asks it for checks, ``close`` ends it (``env``: extra variables, e.g. the GPU it may see).
+    A check that gets no answer fails, and a fresh one is started (setup again) for the checks
+    after it."""
 
     def __init__(self, work: Path, setup: dict, *, sandboxed: bool, limits: Limits,
-                 setup_timeout_s: float, hidden: Sequence[Path] = ()):
-        self.args = (work, setup, sandboxed, limits, hidden)
+                 setup_timeout_s: float, hidden: Sequence[Path] = (),
+                 env: Mapping[str, str] | None = None):
+        self.args = (work, setup, sandboxed, limits, hidden, dict(env or {}))
         self.setup_timeout_s, self.starts, self.killed = setup_timeout_s, 1, 0
         self.current: _Interpreter | None = _Interpreter(work, 1, *self.args[1:])
 
