@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,8 @@ def _system_binds() -> list[str]:
 
 def read_only_paths() -> list[Path]:
     """What a sandbox may read besides the system: this Python (prefixes and every existing
-    ``sys.path`` folder, except the project root and the folders above it), labkit's package and
+    ``sys.path`` folder, except the project root, the temporary folder where the boxes live and
+    the folders above them), labkit's package and
     data folders, the repository's ``pyproject.toml`` (``labkit.config.in_repository`` looks for
     it: without it the labs would read the data a wheel ships) and the model cache
     (``LABKIT_HOME``)."""
@@ -207,7 +209,9 @@ def read_only_paths() -> list[Path]:
              Path(labkit.__file__).resolve().parent, DATA_DIR.resolve(), labkit_home(),
              root / "pyproject.toml"}
     paths |= {Path(p).resolve() for p in sys.path if p and Path(p).is_dir()}
+    tmp = Path(tempfile.gettempdir()).resolve()  # a script's folder there would cover the boxes
     keep = [p for p in paths if p.exists() and not (p == root or p in root.parents)
+            and not (p == tmp or p in tmp.parents)
             and not any(str(p).startswith(s) for s in ("/usr", "/etc"))]
     return sorted({p for p in keep if not any(q in p.parents for q in keep)})
 
