@@ -367,6 +367,9 @@ def test_the_gradebook_regrades_only_changed_work_and_applies_overrides(graded, 
              or after[s]["sha256"] != before[s]["sha256"]}
     assert {"commented", "tampered"} <= rerun and not rerun & {"solution", "loops", "student"}
     assert after["tampered"]["status"] != "flagged"
+    tampered = _feedback("tampered")  # its patched record says 7; its add() gives -1
+    assert "the grader's recomputation from your code gives -1" in tampered
+    assert "Input: `add(3, 4)`" in tampered and "add(N, 4) gives" not in tampered
     assert (after["student"]["total"], after["student"]["auto_total"]) == ("5.0", "1.0")
     assert "partial credit after a meeting" in _feedback("student")
     assert after["solution"]["total"] == before["solution"]["total"] == "8.0"

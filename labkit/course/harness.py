@@ -13,10 +13,11 @@ builtins taken at start (a student's ``abs = ...`` or ``def abs`` is not seen by
 answer goes to the grader on the original stdout, which nobody else writes to (``print`` goes
 to stderr), tagged with that check's nonce: ``{"nonce", "passed": bool, "error"}`` for a hidden
 test, ``{"nonce", "value"}`` or ``{"nonce", "passed": false, "error"}`` for a recomputation.
-A failed check's answer also carries ``tried``: the last call it made to a graded function, with
-its arguments (``reprlib``-shortened), so the student's feedback can show the input without the
-check's code; the check sees each graded function through a thin wrapper that notes the call
-(``functools.wraps``: name, signature and source stay the function's).
+A failed check's answer (and a recomputation's) also carries ``tried``: the last call it made to
+a graded function, with its arguments (``reprlib``-shortened), so the student's feedback can
+show the input without the check's code; the check sees each graded function through a thin
+wrapper that notes the call (``functools.wraps``: name, signature and source stay the
+function's).
 A check that runs over its time limit fails with TimeoutError; the grader compares values and
 kills a check that does not answer.
 
@@ -124,7 +125,8 @@ def main() -> None:
                 _run(code, f"<hidden check {key}>", namespace)
                 answer = {"passed": True}
             else:
-                answer = {"value": _jsonable(_run(code, f"<recompute {key}>", namespace, "eval"))}
+                answer = {"value": _jsonable(_run(code, f"<recompute {key}>", namespace, "eval")),
+                          "tried": _tried(calls)}  # shown if the value disagrees
         except BaseException as exc:  # noqa: BLE001 (a failing check is an answer)
             answer = {"passed": False, "error": _error(exc), "tried": _tried(calls)}
         finally:

@@ -6,7 +6,8 @@ Two layouts are read (``find_submissions``):
 - nested (nbgrader's ``submitted/<student>/...``): ``DIR/<student>/NN_name.ipynb``, or one level
   deeper, ``DIR/<student>/<assignment>/NN_name.ipynb``; the student id is the first folder. A
   student folder may hold several labs: the notebook graded is the one named like the rubric's
-  (``00_setup.ipynb``), else the one whose name starts with the lab's ``NN_``.
+  (``00_setup.ipynb``), else the one whose name starts with the lab's ``NN_``; a folder with
+  neither is no row of this lab (the gradebook then has no entry for that student and lab).
 
 The submission time (``submitted_at``) is the ISO 8601 text of a ``timestamp.txt`` next to the
 notebook (nbgrader writes one there; a trailing `` UTC`` is accepted), else the notebook file's
