@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from labkit.engines.base import Completion, Engine, Request, now
+from labkit.serving.handoff import handoff_for
 
 MAX_BATCH_SIZE = 16  # requests in one engine call (continuous engines: in the engine at once)
 MAX_WAIT_MS = 10.0  # how long a batch waits for more requests after its first one (ms)
@@ -188,7 +189,7 @@ class DynamicBatcher:
         return [item for item in batch if not item.future.done()]  # drop cancelled callers
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        handoff = handoff_for(asyncio.get_running_loop())
         while True:
             batch = await self._collect()
             if not batch:
@@ -198,10 +199,10 @@ class DynamicBatcher:
 
             def on_token(i: int, _tok: int, delta: str, t: float, batch=batch) -> None:
                 if batch[i].on_delta is not None and delta:
-                    loop.call_soon_threadsafe(_deliver, batch[i], delta, t)
+                    handoff.put(_deliver, batch[i], delta, t)
 
             try:
-                self._call = loop.run_in_executor(
+                self._call = asyncio.get_running_loop().run_in_executor(
                     self._pool, self.engine.generate, [item.request for item in batch], on_token)
                 completions = await self._call
             except Exception as err:  # the engine failed: every caller in the batch hears why

@@ -28,6 +28,7 @@ from labkit.serving.batchers import (
     check_knobs,
     drain,
 )
+from labkit.serving.handoff import handoff_for
 
 
 class ContinuousGate:
@@ -85,10 +86,11 @@ class ContinuousGate:
             self._slots.release()
             raise BatcherClosed("the batcher shut down before this request ran")
         loop = asyncio.get_running_loop()
+        handoff = handoff_for(loop)
 
         def on_token(_i: int, _tok: int, delta: str, t: float) -> None:
             if on_delta is not None and delta:
-                loop.call_soon_threadsafe(on_delta, delta, t)
+                handoff.put(on_delta, delta, t)
 
         future = self._pool.submit(self.engine.generate, [request], on_token)
         self._running[future] = request

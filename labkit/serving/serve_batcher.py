@@ -28,6 +28,7 @@ from labkit.serving.batchers import (
     cancel_on_leave,
     check_knobs,
 )
+from labkit.serving.handoff import handoff_for
 
 
 @dataclass
@@ -85,11 +86,11 @@ class ServeBatcher:
             item.started = True
         self._waiting -= len(items)
         self.batch_sizes.append(len(items))
-        loop = asyncio.get_running_loop()
+        handoff = handoff_for(asyncio.get_running_loop())
 
         def on_token(i: int, _tok: int, delta: str, t: float) -> None:
             if items[i].on_delta is not None and delta:
-                loop.call_soon_threadsafe(items[i].on_delta, delta, t)
+                handoff.put(items[i].on_delta, delta, t)
 
         return await asyncio.to_thread(self.engine.generate, [it.request for it in items],
                                        on_token)

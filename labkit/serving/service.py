@@ -244,19 +244,27 @@ class InferenceService:
         (``use_cache`` as in ``handle``).
 
         Text after a stop string is never sent: a tail that could still become a stop string is
-        held back until it is clear. Leaving the loop early cancels only this request.
+        held back until it is clear. Deltas that arrived while the caller was busy with the last
+        event come as one event (stamped with the newest delta's time), so a slow consumer gets
+        fewer, larger pieces instead of falling behind. Leaving the loop early cancels only this
+        request.
         """
         queue: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self.handle(request, lambda d, t: queue.put_nowait((d, t)),
                                                  use_cache=use_cache))
         task.add_done_callback(lambda _t: queue.put_nowait(None))
-        sent, seen = "", ""
+        sent, seen, ended = "", "", False
         try:
-            while (item := await queue.get()) is not None:
-                seen += item[0]
+            while not ended and (item := await queue.get()) is not None:
+                seen, t = seen + item[0], item[1]
+                while not queue.empty():  # deltas that came while the last one was sent: one event
+                    if (item := queue.get_nowait()) is None:
+                        ended = True
+                        break
+                    seen, t = seen + item[0], item[1]
                 safe = safe_prefix(seen, request.stop)
                 if len(safe) > len(sent):
-                    yield StreamEvent(safe[len(sent):], item[1])
+                    yield StreamEvent(safe[len(sent):], t)
                     sent = safe
             response = task.result()  # raises the request's error, if any
             if response.text.startswith(sent) and len(response.text) > len(sent):
