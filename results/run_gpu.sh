@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces results/<GPU>/ on a GPU machine with labkit installed ('.[lab,gpu,scale]'):
-#   bash results/run_gpu.sh [PART ...]   PART: latency quant batching cache serve labs (default all)
+#   bash results/run_gpu.sh [PART ...]   PART: latency quant batching cache serve overhead labs
+#   (default all)
 # Each bench writes one JSON (the contract in labkit/metrics.py) into results/<GPU>/; ``labs``
 # executes every notebook in the full profile with vLLM (labs-vllm/, with report.html), then the
 # timing labs on the synthetic models (labs-<lab>-<engine>-<model>/). On a host with several GPUs,
@@ -12,7 +13,7 @@ L="python3 -m labkit.cli"
 gpu=$(python3 -c "from labkit.device import device_name; print(device_name().replace('NVIDIA ', '').replace(' ', '-'))")
 out=${RESULTS_DIR:-results/$gpu}
 mkdir -p "$out"
-parts=${*:-latency quant batching cache serve labs}
+parts=${*:-latency quant batching cache serve overhead labs}
 log() { echo "[$(date +%T)] $*"; }
 for part in $parts; do case $part in
 latency)  # (a) batch-1 decode on synthetic-8b against the HBM roofline
@@ -74,6 +75,9 @@ for _ in range(240):
     --request-rates 4,8,16,32,64,128 --duration-s 20 --slo mlperf-8b-interactive \
     --json "$out/serve_open_vllm_synthetic-1b.json"
   kill $pid; wait $pid 2>/dev/null ;;
+overhead) # labkit's own cost: the same vLLM engine offline, in process and behind labkit serve
+  log overhead
+  timeout 900 python3 results/frontend_overhead.py "$out/frontend_overhead_vllm_synthetic-1b.json" ;;
 labs)     # every notebook, full profile, vLLM where a lab uses an engine; then the timing labs
   log labs
   gpus=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")
@@ -84,6 +88,6 @@ labs)     # every notebook, full profile, vLLM where a lab uses an engine; then 
   done
   $L run --profile full --param ENGINE=vllm --param MODEL=synthetic-1b \
     --out "$out/labs-06-vllm-synthetic-1b" notebooks/06_scale_out.ipynb ;;
-*) echo "unknown part $part; choose from: latency quant batching cache serve labs"; exit 2 ;;
+*) echo "unknown part $part; choose from: latency quant batching cache serve overhead labs"; exit 2 ;;
 esac; done
 log done
