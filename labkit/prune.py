@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from labkit.quant import DEFAULT_SKIP, QuantLinear, quantize_linears, target_linears
+from labkit.widgets import Progress
 
 SCOPES = ("layer", "global")
 FORMATS = ("dense", "csr", "2:4")
@@ -248,13 +249,11 @@ def sparsity_sweep(model: nn.Module, token_ids: Sequence[int], sparsities: Seque
     all target weights), ``by_type`` (``{layer type: mean sparsity of its layers}``: uneven
     under a global threshold) and ``perplexity`` on ``token_ids``; sparsity 0 is the dense
     model."""
-    from tqdm.auto import tqdm
-
     from labkit.quality import perplexity
 
     rows = []
-    for scope, sparsity in tqdm([(sc, s) for sc in scopes for s in sparsities],
-                                desc="sparsity sweep", disable=not progress):
+    for scope, sparsity in Progress.wrap([(sc, s) for sc in scopes for s in sparsities],
+                                         "sparsity sweep", progress):
         pruned = copy.deepcopy(model)
         per_layer = prune_linears(pruned, sparsity, scope)
         by_type: dict[str, list[float]] = {}
@@ -274,12 +273,10 @@ def sensitivity_scan(model: nn.Module, token_ids: Sequence[int], sparsity: float
     """Perplexity when only one layer type (every ``q_proj``, every ``up_proj``, ...) is pruned
     per layer to ``sparsity``, the others left dense: ``{layer type: perplexity}``. The types
     whose pruning raises perplexity most are the ones to prune least."""
-    from tqdm.auto import tqdm
-
     from labkit.quality import perplexity
 
     out = {}
-    for kind in tqdm(layer_types(model), desc="sensitivity", disable=not progress):
+    for kind in Progress.wrap(layer_types(model), "sensitivity", progress):
         pruned = copy.deepcopy(model)
         prune_linears(pruned, sparsity, "layer", only=(kind,))
         out[kind] = perplexity(pruned, token_ids, window, stride)

@@ -1,4 +1,5 @@
-"""A live view of a running load test: progress, rolling p50/p99 latency, throughput.
+"""Live views in a notebook: a load test's progress, rolling p50/p99 latency and throughput
+(``LoadTestView``), and progress bars whose saved output is their final state (``Progress``).
 
 ``LoadTestView`` shows an ipywidgets dashboard in a notebook with a frontend, and falls back to
 plain printed lines elsewhere (a terminal, papermill, nbval, ipywidgets missing), so the same
@@ -110,3 +111,47 @@ class LoadTestView:
             self._bar.bar_style = "success" if not self.failed else "warning"
         print(self._line(s), flush=True)
         return s
+
+
+class Progress:
+    """A ``tqdm.auto`` bar whose saved notebook output is its final state.
+
+    In a kernel, tqdm draws an ipywidget whose text copy (what papermill saves, what the HTML
+    report and a viewer without widgets show) is the bar's *first* state, "0%". This bar is
+    shown under a display id and shown again when it closes, so the saved copy is the finished
+    bar. Elsewhere it is plain tqdm. ``Progress.wrap(items, desc)`` iterates with a bar.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto in a kernel
+        self.widget = enabled and notebook is not None and issubclass(tqdm, notebook.tqdm)
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled,
+                        **({"display": False} if self.widget else {}))
+        if self.widget:
+            from IPython.display import display
+
+            self.handle = display(self.bar.container, display_id=True)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.widget:
+            self.handle.update(self.bar.container)
+
+    @classmethod
+    def wrap(cls, items, desc: str, enabled: bool = True):
+        """Yield each of ``items`` (a sized iterable) while the bar counts them."""
+        items = list(items)
+        bar = cls(len(items), desc, enabled)
+        try:
+            for item in items:
+                yield item
+                bar.update()
+        finally:
+            bar.close()

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from labkit.engines.base import Completion, Engine, Request, now
 from labkit.metrics import STATS_KEYS, summarize
 from labkit.serving.batchers import MAX_WAIT_MS, DynamicBatcher
+from labkit.widgets import Progress
 
 
 def _oom_types() -> tuple[type[BaseException], ...]:
@@ -50,34 +51,6 @@ def _failed_run(name: str, error: str, n: int, **fields) -> dict:
             "requests_per_s": math.nan, "output_tokens_per_s": math.nan,
             "ttft_s": nan_stats, "tpot_s": nan_stats, "itl_s": nan_stats, "e2e_s": nan_stats,
             "error": error, **fields}
-
-
-class _Progress:
-    """A ``tqdm.auto`` bar whose saved notebook output is its final state: in a notebook the
-    widget is shown under a display id and shown again when the bar closes, so the text copy
-    kept with the output (the HTML report, a viewer without widgets) is the finished bar."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto in a kernel
-        self.widget = enabled and notebook is not None and issubclass(tqdm, notebook.tqdm)
-        self.bar = tqdm(total=total, desc=desc, disable=not enabled,
-                        **({"display": False} if self.widget else {}))
-        if self.widget:
-            from IPython.display import display
-
-            self.handle = display(self.bar.container, display_id=True)
-
-    def update(self) -> None:
-        self.bar.update()
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.widget:
-            self.handle.update(self.bar.container)
 
 
 class _Pool:
@@ -123,7 +96,7 @@ def static_sweep(engine: Engine, requests: Sequence[Request], batch_sizes: Seque
     sizes = list(batch_sizes)
     pools = {b: _Pool() for b in sizes}
     failed: dict[int, int] = {}
-    bar = _Progress(rounds * len(sizes), "static sweep", progress)
+    bar = Progress(rounds * len(sizes), "static sweep", progress)
     for r in range(rounds):
         for b in sizes:
             bar.update()
@@ -234,7 +207,7 @@ def equal_work(static_engine: Engine, continuous_engine: Engine | None,
                          f"round; got {len(requests)} requests in {rounds!r} rounds")
     names = ["static", "dynamic"] + (["continuous"] if continuous_engine is not None else [])
     pools = {name: _Pool() for name in names}
-    bar = _Progress(rounds * len(names), "equal work", progress)
+    bar = Progress(rounds * len(names), "equal work", progress)
     for r in range(rounds):
         part = list(requests[r * per:(r + 1) * per])
         for name in names if r % 2 == 0 else names[::-1]:

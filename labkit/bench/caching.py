@@ -26,6 +26,7 @@ from labkit.engines.base import Request
 from labkit.serving.cache import ResponseCache
 from labkit.serving.cache_backends import LRUBackend, backend_errors
 from labkit.serving.keys import namespace
+from labkit.widgets import Progress
 
 # -- workloads -------------------------------------------------------------------------------
 _TEMPLATES = ("What is the capital of {}?", "Name a traditional dish from {}.",
@@ -184,8 +185,6 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
     """
     import uuid
 
-    from tqdm.auto import tqdm
-
     from labkit.metrics import bench_document, summarize
 
     ns = f"{namespace(model)}-bench-{uuid.uuid4().hex[:8]}"
@@ -202,7 +201,7 @@ def run_cache_bench(engine, model: str, num_requests: int = 64, repeat_fraction:
     try:
         engine.warmup()
         t_run = time.perf_counter()
-        for prompt in tqdm(stream, desc="cache bench", disable=not progress):
+        for prompt in Progress.wrap(stream, "cache bench", progress):
             request = Request(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens)
             t0 = time.perf_counter()
             key = cache.key(request)

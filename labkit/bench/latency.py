@@ -25,6 +25,7 @@ from labkit.config import DEFAULT_MODEL
 from labkit.engines import as_engine, engine_device
 from labkit.engines.base import Engine, Request
 from labkit.metrics import bench_document, summarize, write_json
+from labkit.widgets import Progress
 
 
 def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
@@ -50,8 +51,6 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
     ``e2e_min_s`` (``fastest``). ``engine`` is a name for ``get_engine`` or an Engine.
     Returns the bench document and writes it to ``json_path`` when given.
     """
-    from tqdm.auto import tqdm
-
     if num_requests < 1 or warmup < 0:
         raise ValueError(f"need num_requests >= 1 and warmup >= 0, got {num_requests!r}, "
                          f"{warmup!r}")
@@ -66,12 +65,13 @@ def run_latency_bench(engine: str | Engine = "hf", model: str = DEFAULT_MODEL,
             for text in prompts[:warmup]:
                 eng.generate([Request(prompt=text, max_tokens=out_len, ignore_eos=True)])
         done: dict[tuple[int, int], list] = {pair: [] for pair in pairs}
-        bar = tqdm(total=len(pairs) * num_requests, desc="latency", disable=not progress)
+        bar = Progress(len(pairs) * num_requests, "latency", progress)
         for i in range(warmup, warmup + num_requests):  # round robin over the shapes
             for pair in pairs:
                 request = Request(prompt=texts[pair][i], max_tokens=pair[1], ignore_eos=True)
                 done[pair] += eng.generate([request])
                 bar.update()
+        bar.close()
         runs = []
         for (prompt_len, out_len), completions in done.items():
             prompt_tokens = sum(c.prompt_tokens for c in completions) / len(completions)
@@ -177,12 +177,11 @@ def decode_sweep(engine: Engine, batch_sizes: Sequence[int], prompt_len: int = 3
     (prompt + half the output), for ``labkit.roofline.decode_roofline``.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     if out_len < 2:
         raise ValueError(f"out_len must be >= 2 to measure decode (TPOT), got {out_len!r}")
     rows = []
-    for b in tqdm(list(batch_sizes), desc="decode sweep", disable=not progress):
+    for b in Progress.wrap(batch_sizes, "decode sweep", progress):
         rounds = 2 if warmup else 1
         texts = distinct_prompts(engine.tokenizer, prompt_len, rounds * b)
         reqs = [[Request(prompt=t, max_tokens=out_len, ignore_eos=True) for t in texts[i::rounds]]

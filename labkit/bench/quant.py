@@ -27,6 +27,7 @@ from labkit.bench.prune import pruning_fields
 from labkit.config import DEFAULT_MODEL
 from labkit.quant_methods import DEFAULT_METHODS, Method, get_method
 from labkit.sizes import checkpoint_bytes, weight_bytes
+from labkit.widgets import Progress
 
 
 def method_of(name: str) -> Method:
@@ -60,8 +61,6 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
     import copy
     import gc
 
-    from tqdm.auto import tqdm
-
     from labkit import quality
     from labkit.device import pick_device
     from labkit.metrics import bench_document
@@ -78,7 +77,7 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
                 "decode_tokens": decode_tokens, "large_batch_size": large_batch,
                 "agreement_prompts": len(reference), "agreement_tokens": agreement_tokens}
     runs = []
-    for name in tqdm(names, desc="quant methods", disable=not progress):
+    for name in Progress.wrap(names, "quant methods", progress):
         method = method_of(name)
         reason = method.can_run(dev)
         if reason is None and method.apply is None:
@@ -264,8 +263,6 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
     import gc
     from functools import partial
 
-    from tqdm.auto import tqdm
-
     from labkit.bench.latency import roofline_fields
     from labkit.bench.workloads import prompt_of_length
     from labkit.device import pick_device
@@ -274,7 +271,7 @@ def run_decode_speed_bench(model: str = "synthetic-8b",
 
     dev = pick_device()
     runs = []
-    for name in tqdm(list(methods), desc="decode speed", disable=not progress):
+    for name in Progress.wrap(methods, "decode speed", progress):
         method = get_method(name)
         reason = method.can_run(dev)
         if reason is not None:

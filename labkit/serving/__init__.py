@@ -8,7 +8,7 @@
 | ``batchers``       | the ``Batcher`` protocol, its defaults, ``DynamicBatcher``, ``Overloaded`` |
 | ``gate``           | ``ContinuousGate``: the batcher of continuous engines (hf-cb, vllm) |
 | ``serve_batcher``  | ``ServeBatcher``: Ray Serve's ``@serve.batch`` inside a replica |
-| ``handoff``        | ``Handoff``: engine-thread text deltas to the event loop, one wake-up a burst |
+| ``handoff``        | ``Handoff``: engine-thread deltas to the event loop, one wake-up a burst |
 | ``keys``           | ``cache_key``: sha256 keys equal in every process (not ``hash()``) |
 | ``cache``          | the ``AsyncCache`` interface, ``ResponseCache``, ``AsyncResponseCache`` |
 | ``cache_backends`` | where entries live: in-process LRU, Redis (sync, asyncio) |
