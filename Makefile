@@ -59,11 +59,11 @@ notebooks: setup
 	$(VENV)/bin/labkit run --profile ci --publish
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The edit loop (under 2 minutes on 2 cores): no model load, kernel, notebook, Ray, uvicorn or Redis.
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow"
 
 jupyter: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)

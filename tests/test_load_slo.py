@@ -312,23 +312,25 @@ def test_open_loop_bench_recovers_the_known_timing_and_the_slo_verdicts(tmp_path
 def test_above_capacity_open_loop_p99_grows_with_duration_but_closed_loop_stays_flat():
     """One slot, 40 ms per request (capacity 25 req/s), offered 40 req/s: the open-loop queue
     grows for as long as the run lasts, so a 3x longer run has a p99 E2E 2-3x longer. Two
-    closed-loop clients never queue more than one request behind the other: their p99 stays
-    at two service times, however long the run (give or take a scheduling hiccup of a busy
-    CPU)."""
+    closed-loop clients never queue more than one request behind the other: their latency stays
+    at two service times, however long the run. The closed loop is read at p90: the p99 of 40
+    requests is their slowest one, which one scheduling hiccup of a busy CPU decides."""
     from labkit.bench.client import serve_load
     from labkit.bench.fake_server import MODEL, FakeServer
     from labkit.bench.loadgen import run_sync
     from labkit.bench.workloads import short_workload
 
-    def p99(**load):
+    def e2e(q: str, **load):
         n = load.pop("n")
         result = run_sync(serve_load(server.url, short_workload(n, 3), model=MODEL, **load))
-        return result.summary("x")["e2e_s"]["p99"]
+        return result.summary("x")["e2e_s"][q]
 
     with FakeServer(ttft_s=0.02, itl_s=0.01, slots=1) as server:
-        open_short, open_long = p99(n=40, request_rate=40.0), p99(n=120, request_rate=40.0)
-        closed_short, closed_long = p99(n=40, concurrency=2), p99(n=120, concurrency=2)
-    seen = f"open p99 {open_short:.3f} -> {open_long:.3f} s, closed {closed_short:.3f} -> " \
+        open_short = e2e("p99", n=40, request_rate=40.0)
+        open_long = e2e("p99", n=120, request_rate=40.0)
+        closed_short = e2e("p90", n=40, concurrency=2)
+        closed_long = e2e("p90", n=120, concurrency=2)
+    seen = f"open p99 {open_short:.3f} -> {open_long:.3f} s, closed p90 {closed_short:.3f} -> " \
            f"{closed_long:.3f} s"
     assert open_long > 2 * open_short > 2 * 3 * closed_short, seen
     assert closed_long < open_long / 4, seen
