@@ -315,8 +315,8 @@ def _cell(nb, text: str) -> int:
 
 @pytest.mark.slow
 def test_capstone_batch_is_graded_on_what_the_grader_measures(tmp_path):
-    """Five submissions in one ``grade`` call: each scored the way it deserves, none stopping
-    the batch."""
+    """Five submissions in one ``grade`` call, two side by side (``-j 2``, as a class is
+    graded): each scored the way it deserves, none stopping the batch."""
     from labkit.course import grading
     from labkit.course.assign import make_student_notebooks
     from labkit.course.rubric import load_rubric
@@ -353,7 +353,7 @@ def test_capstone_batch_is_graded_on_what_the_grader_measures(tmp_path):
     nbformat.write(nb, subs / "raises.ipynb")
 
     csv = tmp_path / "grades.csv"  # one trial per step: the grader measures again anyway
-    grading.grade(subs, 7, csv, rubric=load_rubric(7), params={"TRIALS": 1})
+    grading.grade(subs, 7, csv, rubric=load_rubric(7), params={"TRIALS": 1}, jobs=2)
     rows = pd.read_csv(csv, keep_default_na=False).set_index("submission")
     speed = ["speedup", "speedup_high", "final_quality"]
 
