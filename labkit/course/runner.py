@@ -19,11 +19,9 @@ from __future__ import annotations
 import ast
 import json
 import platform
-import queue
 import re
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -32,6 +30,7 @@ from pathlib import Path
 from labkit.config import LAB_NOTEBOOKS, NOTEBOOKS_DIR
 from labkit.course.kernels import prepare_kernel
 from labkit.course.report import plots_of, render_report
+from labkit.course.workers import side_by_side
 
 INJECTED_TAG = "injected-parameters"  # papermill's tag for the cell it adds
 ERROR_TAG = "papermill-error-cell-tag"  # papermill's tag for the error banners it adds
@@ -278,8 +277,7 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
     out = Path(out_dir) if out_dir else Path("runs") / stamp
     out.mkdir(parents=True, exist_ok=True)
 
-    def run_one(src: Path, visible: str | None) -> LabResult:
-        env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    def run_one(src: Path, env: dict) -> LabResult:
         ex = execute(src, out / src.name, parameters=lab_params(params, src),
                      cwd=src.resolve().parent, cell_timeout_s=timeout_s,
                      kernel_name=prepare_kernel(env))
@@ -287,28 +285,18 @@ def run_labs(notebooks: list[str] | None = None, profile: str = "ci", params: di
         claims = read_claims(ex.output) if ex.output.exists() else []
         return LabResult(str(src), str(ex.output), "ok" if ex.ok else "failed",
                          round(ex.duration_s, 3), records, len(plots_of(ex.output)), ex.failure,
-                         visible, claims)
+                         env.get("CUDA_VISIBLE_DEVICES"), claims)
 
     if len(gpu_list) < 2:
-        visible = gpu_list[0] if gpu_list else None
-        labs = [run_one(src, visible) for src in paths]
-    else:
-        free: queue.SimpleQueue = queue.SimpleQueue()  # GPUs no lab is using
-        for g in gpu_list:
-            free.put(g)
-
-        def on_a_free_gpu(i: int) -> LabResult:
-            gpu = free.get()
-            try:
-                return run_one(paths[i], gpu)
-            finally:
-                free.put(gpu)
-
+        env = {"CUDA_VISIBLE_DEVICES": gpu_list[0]} if gpu_list else {}
+        labs = [run_one(src, env) for src in paths]
+    else:  # one lab per GPU at a time; labs that want every GPU run alone afterwards
         solo = [i for i, p in enumerate(paths) if wants_all_gpus(p)]
         rest = [i for i in range(len(paths)) if i not in solo]
-        with ThreadPoolExecutor(len(gpu_list), thread_name_prefix="lab") as pool:
-            results = dict(zip(rest, pool.map(on_a_free_gpu, rest)))
-        results.update({i: run_one(paths[i], ",".join(gpu_list)) for i in solo})
+        results = dict(zip(rest, side_by_side(lambda i, env: run_one(paths[i], env), rest,
+                                              gpus=gpu_list)))
+        results.update({i: run_one(paths[i], {"CUDA_VISIBLE_DEVICES": ",".join(gpu_list)})
+                        for i in solo})
         labs = [results[i] for i in range(len(paths))]
     facts = environment_facts()
     result = RunResult(out, out / "report.html", out / "summary.json", labs)
