@@ -151,3 +151,26 @@ def test_gpus_run_labs_side_by_side_one_gpu_each_and_all_gpu_labs_alone(tmp_path
 def test_bad_gpu_list_names_the_value(spec):
     with pytest.raises(ValueError, match=f"bad GPU list '{spec}': give distinct device indices"):
         run_labs([], gpus=spec)
+
+
+@pytest.mark.slow
+def test_a_lab_kernel_talks_over_private_ipc_sockets_and_leaves_nothing(tmp_path, capfd):
+    """No TCP port on the loopback (and no ipykernel warning about one per kernel in make lab):
+    the kernel's sockets live in a 0700 temp folder that is gone when the run ends."""
+    import tempfile
+
+    from labkit.course.runner import execute
+
+    before = set(Path(tempfile.gettempdir()).glob("lk-*"))
+    lab = _lab(tmp_path / "ipc.ipynb",
+               "from ipykernel.kernelapp import IPKernelApp\nimport os, stat\n"
+               "app = IPKernelApp.instance()\n"
+               "folder = os.path.dirname(app.ip)\n"
+               "print(app.transport, oct(os.stat(folder).st_mode & 0o777), folder)")
+    ex = execute(lab, tmp_path / "out.ipynb", parameters={}, cwd=tmp_path)
+    assert ex.ok, ex.failure
+    text = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+    transport, mode, folder = text.split()
+    assert (transport, mode) == ("ipc", "0o700")
+    assert not Path(folder).exists() and set(Path(tempfile.gettempdir()).glob("lk-*")) <= before
+    assert "without encryption" not in capfd.readouterr().err

@@ -6,6 +6,10 @@ Jupyter dir, so a run works as root, with a read-only home and without a system-
 install; ``remove_kernel`` deletes a spec made for one run. ``state_dir`` is where Jupyter,
 IPython and matplotlib keep their state meanwhile.
 
+``local_kernel`` is the kernel manager of an unboxed run: IPC sockets in a fresh private temp
+folder instead of TCP on the loopback (which ipykernel warns about once per kernel, and which any
+local user can connect to).
+
 ``sandboxed_kernel`` is the grader's: a spec whose argv is the sandbox
 (``labkit.course.sandbox.command``) around ``python -m ipykernel_launcher -f {connection_file}``,
 and a kernel manager for papermill that talks to it over IPC sockets in the box's runtime
@@ -14,6 +18,7 @@ folder (the sandbox has a network of its own, so TCP on the loopback would not r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -126,6 +131,35 @@ def sandboxed_kernel(box: Box, limits: Limits, env: Mapping[str, str] | None = N
     _write_spec(name, argv, inner)
     return name, _box_manager()(box, kernel_name=name, transport="ipc",
                                 connection_file=str(box.runtime / "kernel.json"))
+
+
+SOCKET_PATH_MAX = 100  # bytes; a Unix socket path must fit in sun_path (108 with the NUL)
+
+
+@contextlib.contextmanager
+def local_kernel(name: str):
+    """A kernel manager (for papermill) of kernel spec ``name`` that talks to its kernel over IPC
+    sockets in a new 0700 temp folder; on leaving, the kernel is stopped and the folder removed.
+
+    The sockets are ``<folder>/k-<n>``: the folder comes from ``tempfile.mkdtemp`` (``/tmp``
+    when ``TMPDIR`` is too deep for a socket path), never from the Jupyter runtime dir, whose
+    project-local path can pass the kernel's 107-byte limit.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    from labkit.processes import best_effort
+
+    base = tempfile.gettempdir()
+    if len(os.path.join(base, "lk-xxxxxxxx", "k-00000")) > SOCKET_PATH_MAX:
+        base = "/tmp"
+    folder = Path(tempfile.mkdtemp(prefix="lk-", dir=base))
+    manager = AsyncKernelManager(kernel_name=name, transport="ipc", ip=str(folder / "k"),
+                                 connection_file=str(folder / "kernel.json"))
+    try:
+        yield manager
+    finally:
+        best_effort(lambda: stop_kernel(manager))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def stop_kernel(manager) -> None:

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from labkit.config import LAB_NOTEBOOKS, NOTEBOOKS_DIR
-from labkit.course.kernels import prepare_kernel
+from labkit.course.kernels import local_kernel, prepare_kernel
 from labkit.course.report import plots_of, render_report
 from labkit.course.workers import side_by_side
 
@@ -110,12 +110,17 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
     ``cell_timeout_s`` bounds each cell, ``total_timeout_s`` the whole run in seconds, counted
     from this call (kernel start-up included; papermill also bounds start-up by 60 s).
     ``kernel_manager``: a jupyter_client kernel manager to start the kernel with (the grader's
-    sandboxed one, ``labkit.course.kernels.sandboxed_kernel``), else papermill makes its own.
+    sandboxed one, ``labkit.course.kernels.sandboxed_kernel``), else ``local_kernel``'s (IPC
+    sockets in a private temp folder, stopped here when the run ends).
     """
+    if kernel_manager is None:
+        with local_kernel(kernel_name or prepare_kernel()) as manager:
+            return execute(src, dst, parameters=parameters, cwd=cwd, cell_timeout_s=cell_timeout_s,
+                           total_timeout_s=total_timeout_s, kernel_name=manager.kernel_name,
+                           kernel_manager=manager)
     import nbformat
     import papermill as pm
 
-    kernel_name = kernel_name or prepare_kernel()
     t0 = time.perf_counter()
     deadline = None if total_timeout_s is None else t0 + total_timeout_s
 
