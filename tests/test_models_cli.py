@@ -88,6 +88,8 @@ def test_cli_bad_engine_exits_nonzero_with_choices():
 
 @pytest.mark.parametrize("argv, message", [
     (["serve", "--port", "99999"], "argument --port: must be <= 65535, got 99999"),
+    (["serve", "--deadline-s", "0"], "argument --deadline-s: must be > 0, got 0"),
+    (["serve", "--max-body-bytes", "0"], "argument --max-body-bytes: must be >= 1, got 0"),
     (["bench", "cache", "--num-requests", "0"], "argument --num-requests: must be >= 1, got 0"),
     (["run", "--cell-timeout", "-1"], "argument --cell-timeout: must be > 0, got -1"),
     (["generate", "hi", "--max-tokens", "many"],
@@ -145,3 +147,24 @@ def test_cli_defaults_come_from_the_environment_and_flags_win(monkeypatch):
     monkeypatch.delenv("LABKIT_MODEL")
     monkeypatch.delenv("LABKIT_PROFILE")
     assert parsed("serve").model == "smollm2-135m" and parsed("run").profile == "ci"  # no GPU
+
+
+@pytest.mark.parametrize("ray", [False, True])
+def test_serve_flags_reach_the_server(ray, monkeypatch):
+    """--deadline-s and --max-body-bytes reach ``serve`` and ``serve_ray`` (``none``: no
+    deadline), so an operator can set the 504 and 413 limits without writing Python."""
+    import labkit.serving.deploy
+    import labkit.serving.http
+    from labkit.cli import main
+    from labkit.serving.openai_api import MAX_BODY_BYTES
+    from labkit.serving.service import DEADLINE_S
+
+    seen = []
+    target = (labkit.serving.deploy, "serve_ray") if ray else (labkit.serving.http, "serve")
+    monkeypatch.setattr(*target, lambda **kw: seen.append(kw))
+    flags = ["serve", "--engine", "hf"] + (["--ray"] if ray else [])
+    assert main(flags) == 0
+    assert main([*flags, "--deadline-s", "none", "--max-body-bytes", "4096"]) == 0
+    assert main([*flags, "--deadline-s", "2.5"]) == 0
+    assert [(kw["deadline_s"], kw["max_body_bytes"]) for kw in seen] == [
+        (DEADLINE_S, MAX_BODY_BYTES), (None, 4096), (2.5, MAX_BODY_BYTES)]

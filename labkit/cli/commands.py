@@ -215,13 +215,15 @@ def cmd_serve(args) -> int:
 
         serve_ray(model=args.model, engine=args.engine, replicas=args.replicas, host=args.host,
                   port=args.port, cache=not args.no_cache, max_batch_size=args.max_batch_size,
-                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                  deadline_s=args.deadline_s, max_body_bytes=args.max_body_bytes)
         return 0
     from labkit.serving.http import serve
 
     serve(engine=args.engine, model=args.model, host=args.host, port=args.port,
           cache=not args.no_cache, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
+          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, deadline_s=args.deadline_s,
+          max_body_bytes=args.max_body_bytes)
     return 0
 
 

@@ -15,6 +15,8 @@ from labkit.course.assign import RELEASE_DIR, SOURCE_DIR
 from labkit.course.runner import CELL_TIMEOUT_S
 from labkit.metrics import BENCH_KINDS
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
+from labkit.serving.openai_api import MAX_BODY_BYTES
+from labkit.serving.service import DEADLINE_S
 
 
 def _number(kind: type = int, *, at_least: float | None = None, above: float | None = None,
@@ -43,6 +45,12 @@ MODEL_HELP = (f"default: $LABKIT_MODEL, else {DEFAULT_MODEL} (bench serve: the m
               "serves)")
 COUNT = _number(int, at_least=1)
 SECONDS = _number(float, above=0)
+
+
+def _deadline(text: str) -> float | None:
+    """``--deadline-s``: seconds (> 0), or ``none`` for no deadline."""
+    return None if text.lower() == "none" else SECONDS(text)
+
 PORT = _number(int, at_least=0, at_most=65535)
 
 
@@ -113,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=COUNT, default=MAX_BATCH_SIZE)
     p.add_argument("--max-wait-ms", type=_number(float, at_least=0), default=MAX_WAIT_MS)
     p.add_argument("--max-queue", type=COUNT, default=MAX_QUEUE, help="waiting requests before 503")
+    p.add_argument("--deadline-s", type=_deadline, default=DEADLINE_S, metavar="S",
+                   help=f"stop a request's generation S seconds after it arrived, answering 504 "
+                        f"(default {DEADLINE_S:g}; 'none': no limit)")
+    p.add_argument("--max-body-bytes", type=COUNT, default=MAX_BODY_BYTES,
+                   help=f"larger request bodies get a 413 (default {MAX_BODY_BYTES})")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead")
     p.add_argument("--replicas", type=COUNT, default=2, help="--ray: replica count")
     p.set_defaults(func=commands.cmd_serve)

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from labkit.config import DEFAULT_MODEL, choose
 from labkit.processes import best_effort, ray_processes, wait_gone
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
+from labkit.serving.openai_api import MAX_BODY_BYTES
 from labkit.serving.replica import LabkitReplica, board_key
+from labkit.serving.service import DEADLINE_S
 
 BATCHERS = ("labkit", "serve")
 APP_NAME = "labkit"
@@ -130,6 +132,7 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
            autoscaling: Mapping | None = None, redis_url: str | None = None, cache: bool = True,
            batcher: str = "labkit", max_batch_size: int = MAX_BATCH_SIZE,
            max_wait_ms: float = MAX_WAIT_MS, max_queue: int = MAX_QUEUE,
+           deadline_s: float | None = DEADLINE_S, max_body_bytes: int = MAX_BODY_BYTES,
            host: str = "127.0.0.1", http_port: int | None = None,
            app_name: str = APP_NAME, ray_num_cpus: int | None = None,
            engine_kwargs: Mapping | None = None) -> ServeDeployment:
@@ -146,8 +149,11 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
     variables that its router and replicas do not read yet). ``redis_url``: a shared
     server; None starts one embedded Redis here for all replicas. ``batcher``: ``"labkit"``
     (``DynamicBatcher``, or ``ContinuousGate`` for a continuous engine) or ``"serve"``
-    (``@serve.batch``); both use ``max_batch_size`` and ``max_wait_ms``. Ray is started here
-    (``ray_num_cpus`` logical CPUs, no dashboard) unless it is already running (``start_ray``);
+    (``@serve.batch``); both use ``max_batch_size`` and ``max_wait_ms``. ``deadline_s`` (a
+    request's generation stops this long after it arrived; None: never) and ``max_body_bytes``
+    (larger bodies get a 413) are each replica's, as in ``labkit.serving.http.serve``. Ray is
+    started here (``ray_num_cpus`` logical CPUs, no dashboard) unless it is already running
+    (``start_ray``);
     then ``shutdown()`` deletes only this application and later deployments reuse Serve's proxy
     (same port) until ``stop_ray()``. A Redis server is always used: the cache (``cache=True``)
     and the board replicas publish metrics to.
@@ -208,7 +214,8 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
             cls = serve.deployment(serve.ingress()(LabkitReplica), name=DEPLOYMENT_NAME,
                                    **options)
             app = cls.bind(model, engine, redis_url, cache, batcher, max_batch_size,
-                           max_wait_ms, max_queue, threads, dict(engine_kwargs or {}))
+                           max_wait_ms, max_queue, threads, dict(engine_kwargs or {}),
+                           deadline_s, max_body_bytes)
             handle = serve.run(app, name=app_name, route_prefix="/")
     except BaseException:
         if owns_ray:

@@ -19,8 +19,10 @@ import time
 
 from labkit.serving.build import build_service
 from labkit.serving.http import create_app
+from labkit.serving.openai_api import MAX_BODY_BYTES
 from labkit.serving.redis_server import get_client
 from labkit.serving.serve_batcher import ServeBatcher
+from labkit.serving.service import DEADLINE_S
 
 REPLICA_HEADER = "x-labkit-replica"  # each response names the replica that served it
 
@@ -61,7 +63,8 @@ class LabkitReplica:
 
     def __init__(self, model: str, engine, redis_url: str | None, cache: bool, batcher: str,
                  max_batch_size: int, max_wait_ms: float, max_queue: int, torch_threads: int | None,
-                 engine_kwargs: dict) -> None:
+                 engine_kwargs: dict, deadline_s: float | None = DEADLINE_S,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         from ray import serve
 
         if torch_threads:
@@ -77,7 +80,8 @@ class LabkitReplica:
                                      redis_url=redis_url,
                                      batcher=serve_batcher if batcher == "serve" else None,
                                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                     max_queue=max_queue, **engine_kwargs)
+                                     max_queue=max_queue, deadline_s=deadline_s, **engine_kwargs)
+        self.max_body_bytes = max_body_bytes
         self._board = None
 
     async def publish(self) -> None:
@@ -94,7 +98,7 @@ class LabkitReplica:
             pass
 
     async def __serve_build_asgi_app__(self):
-        app = create_app(self.service, self.model)
+        app = create_app(self.service, self.model, max_body_bytes=self.max_body_bytes)
         app.add_middleware(_ReplicaTag, replica=self.replica, publish=self.publish)
         await self.publish()
         return app
