@@ -153,10 +153,9 @@ def deploy(model: str = DEFAULT_MODEL, engine: str | Callable = "hf", replicas: 
     request's generation stops this long after it arrived; None: never) and ``max_body_bytes``
     (larger bodies get a 413) are each replica's, as in ``labkit.serving.http.serve``. Ray is
     started here (``ray_num_cpus`` logical CPUs, no dashboard) unless it is already running
-    (``start_ray``);
-    then ``shutdown()`` deletes only this application and later deployments reuse Serve's proxy
-    (same port) until ``stop_ray()``. A Redis server is always used: the cache (``cache=True``)
-    and the board replicas publish metrics to.
+    (``start_ray``); then ``shutdown()`` deletes only this application and later deployments
+    reuse Serve's proxy (same port) until ``stop_ray()``. A Redis server is always used: the
+    cache (``cache=True``) and the board replicas publish metrics to.
     """
     import ray
     from ray import serve
