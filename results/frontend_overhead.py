@@ -13,7 +13,9 @@ Workload: ``make_workload(N)`` (chat prompts from ``data/prompts.jsonl``, greedy
   process, ``labkit.bench.serve.run_serve_bench`` with C closed-loop streaming clients
   (its ``client_bound`` flag says whether the load generator, not the server, was the limit).
 The ratio ``served / in_process`` at equal C is the front end's cost (HTTP, SSE, the service);
-``served / offline`` adds the cost of a closed loop of C clients.
+``served / offline`` adds the cost of a closed loop of C clients. ``--engine-process`` adds
+``served[C]_engine_process``: the same server with ``--engine-process`` (the engine in a process
+of its own, ``labkit.engines.ProcessEngine``), which takes the front end off the engine's GIL.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ def _in_process(engine: str, model: str, n: int, tokens: int, concurrencies: lis
 
 
 def _served(engine: str, model: str, n: int, tokens: int, concurrencies: list[int],
-            port: int, switch_interval_ms: float | None = None) -> dict:
+            port: int, switch_interval_ms: float | None = None,
+            engine_process: bool = False) -> dict:
     from labkit.bench.serve import run_serve_bench
 
     argv = ["serve", "--engine", engine, "--model", model, "--no-cache", "--port", str(port),
-            "--max-batch-size", "256"]
+            "--max-batch-size", "256"] + (["--engine-process"] if engine_process else [])
     # switch_interval_ms: the server's sys.setswitchinterval (Python's default is 5 ms): how long
     # the event loop's thread may hold the GIL while the engine's step thread waits for it
     code = (f"import sys; sys.setswitchinterval({switch_interval_ms / 1e3!r}); "
@@ -114,6 +117,8 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", "in-process"], default="all")
     ap.add_argument("--switch-intervals-ms", default="",
                     help="also serve with these GIL switch intervals (e.g. 0.5), one server each")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="also serve with the engine in a process of its own")
     a = ap.parse_args()
     cs = [int(c) for c in a.concurrencies.split(",")]
     if a.part == "in-process":  # the child: one process whose GPU memory is freed at exit
@@ -138,6 +143,11 @@ def main() -> None:
         variants.append(tag)
         doc |= {k + tag: v for k, v in _served(a.engine, a.model, a.num_requests,
                                                a.output_tokens, cs, a.port, float(ms)).items()}
+    if a.engine_process:
+        variants.append("_engine_process")
+        doc |= {k + "_engine_process": v for k, v in _served(
+            a.engine, a.model, a.num_requests, a.output_tokens, cs, a.port,
+            engine_process=True).items()}
     for c in cs:
         for tag in variants:
             served = doc[f"served_{c}{tag}"]["output_tokens_per_s"]

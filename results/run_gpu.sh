@@ -77,7 +77,8 @@ for _ in range(240):
   kill $pid; wait $pid 2>/dev/null ;;
 overhead) # labkit's own cost: the same vLLM engine offline, in process and behind labkit serve
   log overhead
-  timeout 900 python3 results/frontend_overhead.py "$out/frontend_overhead_vllm_synthetic-1b.json" ;;
+  timeout 900 python3 results/frontend_overhead.py "$out/frontend_overhead_vllm_synthetic-1b.json" \
+    --engine-process ;;
 labs)     # every notebook, full profile, vLLM where a lab uses an engine; then the timing labs
   log labs
   gpus=$(python3 -c "import torch; print(','.join(map(str, range(torch.cuda.device_count()))))")

@@ -109,10 +109,11 @@ def test_unknown_model_name_lists_choices():
 @pytest.mark.parametrize("cuda, vllm, expected", [(False, False, "hf"), (False, True, "hf"),
                                                    (True, False, "hf"), (True, True, "vllm")])
 def test_auto_engine_is_vllm_only_on_a_gpu_with_vllm_installed(monkeypatch, cuda, vllm, expected):
-    from labkit import device, engines
+    from labkit import device
+    from labkit.engines import registry
 
     monkeypatch.setattr(device, "has_cuda", lambda: cuda)
-    monkeypatch.setattr(engines, "vllm_available", lambda: vllm)
+    monkeypatch.setattr(registry, "vllm_available", lambda: vllm)
     assert resolve_engine("auto") == expected
 
 

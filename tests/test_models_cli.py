@@ -168,3 +168,13 @@ def test_serve_flags_reach_the_server(ray, monkeypatch):
     assert main([*flags, "--deadline-s", "2.5"]) == 0
     assert [(kw["deadline_s"], kw["max_body_bytes"]) for kw in seen] == [
         (DEADLINE_S, MAX_BODY_BYTES), (None, 4096), (2.5, MAX_BODY_BYTES)]
+    if not ray:
+        assert main([*flags, "--engine-process"]) == 0
+        assert [kw["engine_process"] for kw in seen] == [False, False, False, True]
+
+
+def test_engine_process_with_ray_is_refused(capsys):
+    from labkit.cli import main
+
+    assert main(["serve", "--ray", "--engine-process"]) == 2
+    assert "--engine-process is for the one-process server" in capsys.readouterr().err

@@ -210,6 +210,10 @@ def cmd_gradebook(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.ray and args.engine_process:
+        print("labkit serve: error: --engine-process is for the one-process server; each Ray "
+              "Serve replica already runs in its own process", file=sys.stderr)
+        return 2
     if args.ray:
         from labkit.serving.deploy import serve_ray
 
@@ -223,7 +227,7 @@ def cmd_serve(args) -> int:
     serve(engine=args.engine, model=args.model, host=args.host, port=args.port,
           cache=not args.no_cache, max_batch_size=args.max_batch_size,
           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, deadline_s=args.deadline_s,
-          max_body_bytes=args.max_body_bytes)
+          max_body_bytes=args.max_body_bytes, engine_process=args.engine_process)
     return 0
 
 

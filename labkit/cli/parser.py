@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEADLINE_S:g}; 'none': no limit)")
     p.add_argument("--max-body-bytes", type=COUNT, default=MAX_BODY_BYTES,
                    help=f"larger request bodies get a 413 (default {MAX_BODY_BYTES})")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine in a process of its own (its step loop then does not "
+                        "share the server's GIL)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead")
     p.add_argument("--replicas", type=COUNT, default=2, help="--ray: replica count")
     p.set_defaults(func=commands.cmd_serve)

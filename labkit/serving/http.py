@@ -273,11 +273,12 @@ def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0
           max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = MAX_WAIT_MS,
           max_queue: int = MAX_QUEUE, deadline_s: float | None = DEADLINE_S,
           max_body_bytes: int = MAX_BODY_BYTES, drain_s: int = DRAIN_S,
-          log_level: str = "info", **engine_kwargs) -> None:
+          log_level: str = "info", engine_process: bool = False, **engine_kwargs) -> None:
     """Run the OpenAI-compatible server in the foreground until Ctrl-C or SIGTERM
     (``labkit serve``); on either, requests in flight get ``drain_s`` seconds, then are
     cancelled. ``deadline_s``: a request's generation stops this long after it arrived;
-    ``max_body_bytes``: larger request bodies get a 413.
+    ``max_body_bytes``: larger request bodies get a 413; ``engine_process``: the engine runs
+    in a process of its own (``labkit.engines.ProcessEngine``).
 
     Binds ``127.0.0.1`` by default: pass ``host="0.0.0.0"`` only on a trusted network, the
     server has no authentication.
@@ -286,8 +287,10 @@ def serve(engine: str = "auto", model: str = DEFAULT_MODEL, host: str = "127.0.0
 
     service = build_service(engine, model, cache, redis_url=redis_url,
                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                            max_queue=max_queue, deadline_s=deadline_s, **engine_kwargs)
-    print(f"labkit serve: {model} on engine {service.engine.name}, cache "
+                            max_queue=max_queue, deadline_s=deadline_s,
+                            engine_process=engine_process, **engine_kwargs)
+    where = f" (own process, pid {service.engine.pid})" if engine_process else ""
+    print(f"labkit serve: {model} on engine {service.engine.name}{where}, cache "
           f"{'on' if cache else 'off'}; OpenAI base URL http://{host}:{port}/v1", flush=True)
     try:
         uvicorn.run(create_app(service, model, max_body_bytes=max_body_bytes), host=host,
