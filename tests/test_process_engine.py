@@ -16,9 +16,22 @@ from labkit.engines import ProcessEngine, Request, engine_device
 from labkit.engines.base import InvalidRequest
 from labkit.engines.process import EngineProcessError
 
-pytestmark = pytest.mark.slow  # each test starts an engine process (a model load)
-
 MODEL = "smollm2-135m"
+
+
+def test_a_childs_error_is_raised_again_as_its_kind():
+    import torch
+
+    from labkit.engines.process import _portable, _rebuilt
+
+    refused = _rebuilt(*_portable(InvalidRequest("too long", "prompt", "context_length_exceeded")))
+    assert isinstance(refused, InvalidRequest)
+    assert (str(refused), refused.param, refused.code) == ("too long", "prompt",
+                                                           "context_length_exceeded")
+    oom = _rebuilt(*_portable(torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    assert isinstance(oom, torch.cuda.OutOfMemoryError)
+    other = _rebuilt(*_portable(KeyError("x")))
+    assert type(other) is RuntimeError and "KeyError in the engine's process" in str(other)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +41,7 @@ def engine():
     eng.close()
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_it_answers_as_the_engine_in_this_process_does(engine, hf_engine):
     requests = [Request(prompt="Count: one, two,", max_tokens=10),
                 Request(messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6)]
@@ -47,6 +61,7 @@ def test_it_answers_as_the_engine_in_this_process_does(engine, hf_engine):
         assert completion.start_s <= completion.token_times_s[0] <= time.perf_counter()
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_a_cancelled_request_stops_in_the_child(engine):
     request = Request(prompt="Count to a thousand:", max_tokens=4000, ignore_eos=True)
     done: list = []
@@ -61,6 +76,7 @@ def test_a_cancelled_request_stops_in_the_child(engine):
     assert time.perf_counter() - t0 < 5
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_the_childs_errors_reach_the_caller_with_their_type(engine):
     too_long = Request(prompt="word " * 10, max_tokens=10**6)
     with pytest.raises(InvalidRequest, match="max_model_len"):
@@ -68,6 +84,7 @@ def test_the_childs_errors_reach_the_caller_with_their_type(engine):
     assert engine.generate([Request(prompt="Hi", max_tokens=2)])[0].output_tokens == 2  # still up
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_served_over_http_with_the_engine_in_its_own_process(engine):
     from labkit.serving.build import build_service
     from labkit.serving.http import create_app
@@ -81,6 +98,7 @@ def test_served_over_http_with_the_engine_in_its_own_process(engine):
     assert r.text.count("data: {") >= 3  # role, some text, the finish
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_a_dead_child_fails_its_callers_at_once():
     eng = ProcessEngine("hf", MODEL)
     try:
@@ -106,6 +124,7 @@ def test_a_dead_child_fails_its_callers_at_once():
         eng.close()
 
 
+@pytest.mark.slow  # starts an engine process (a model load)
 def test_an_engine_that_cannot_start_is_one_clear_error():
     with pytest.raises(EngineProcessError, match="failed to start in its process: .*nosuch"):
         ProcessEngine("hf", MODEL, dtype="nosuch")

@@ -17,6 +17,9 @@ The child's tokens leave in bursts (all that came while the last message was bei
 step of 256 streams costs one pipe message, and the parent's receiver thread hands each token to
 its caller's ``on_token``. Timestamps are the child's ``perf_counter``: one monotonic clock for
 every process on Linux. Deadlines travel in the requests; the child enforces them itself.
+Messages are ``multiprocessing.connection`` objects on a socket pair that only these two
+processes hold; a child's error crosses as (type name, message, param, code) and is raised again
+in the parent as ``InvalidRequest``, CUDA OOM or a RuntimeError naming it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from labkit.engines.base import Completion, Engine, Request, TokenCallback
+from labkit.engines.base import Completion, Engine, InvalidRequest, Request, TokenCallback
 
 START_TIMEOUT_S = 900.0  # how long the child may take to build its engine (vLLM: compile, graphs)
 CANCEL_POLL_S = 0.01  # how often the parent looks for cancelled requests (s)
@@ -157,7 +160,8 @@ class ProcessEngine(Engine):
                 call.on_token(i, tok, delta, t)
         else:  # ("done", cid, completions, error)
             del self._calls[cid]
-            call.result, call.error = event[2], event[3]
+            call.result = event[2]
+            call.error = _rebuilt(*event[3]) if event[3] is not None else None
             call.done.set()
 
     def _send_cancels(self) -> None:
@@ -278,16 +282,22 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 0.0) -> None:
         proc.wait(5)
 
 
-def _portable(err: BaseException) -> BaseException:
-    """``err`` if it survives pickling (InvalidRequest, RuntimeError, ...), else a RuntimeError
-    that names it."""
-    import pickle
+def _portable(err: BaseException) -> tuple:
+    """What the parent needs to raise ``err`` again: its type's name, message, param, code."""
+    return (type(err).__name__, str(err), getattr(err, "param", None), getattr(err, "code", None))
 
-    try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:  # noqa: BLE001 (any unpicklable exception)
-        return RuntimeError(f"{type(err).__name__}: {err}")
+
+def _rebuilt(name: str, message: str, param: str | None, code: str | None) -> BaseException:
+    """The parent's copy of a child's error: a refused request stays ``InvalidRequest`` (the
+    server's 400) and CUDA OOM stays ``torch.cuda.OutOfMemoryError`` (the batching sweep records
+    it); anything else is a RuntimeError that names the child's type."""
+    if name == "InvalidRequest":
+        return InvalidRequest(message, param, code)
+    if name == "OutOfMemoryError":
+        import torch
+
+        return torch.cuda.OutOfMemoryError(message)
+    return RuntimeError(f"{name} in the engine's process: {message}")
 
 
 if __name__ == "__main__":  # the child: python -m labkit.engines.process FD
