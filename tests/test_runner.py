@@ -38,8 +38,21 @@ def run(tmp_path_factory):
                  "x = 1",
                  "if MAX_TOKENS < 1:\n"
                  "    raise ValueError(f'MAX_TOKENS must be >= 1, got {MAX_TOKENS}')")
-    return run_labs([str(plot), str(check)], profile="ci", params={"MAX_TOKENS": -1},
-                    out_dir=tmp / "run", timeout_s=60)
+    lines: list[str] = []
+    result = run_labs([str(plot), str(check)], profile="ci", params={"MAX_TOKENS": -1},
+                      out_dir=tmp / "run", timeout_s=60, progress=lines.append)
+    result.progress_lines = lines
+    return result
+
+
+@pytest.mark.slow
+def test_one_progress_line_per_lab_as_it_ends(run):
+    """What make lab prints: a line per lab with its status, minutes and key claims."""
+    first, second = run.progress_lines
+    assert first.startswith("01_plot.ipynb: ok in 0.") and first.endswith("key claims 1/2 held")
+    assert second.startswith("02_check.ipynb: failed in ")
+    assert second.endswith("key claims 0/0 held; stopped at cell 3: ValueError: MAX_TOKENS must "
+                           "be >= 1, got -1")
 
 
 @pytest.mark.slow

@@ -141,7 +141,8 @@ def cmd_run(args) -> int:
 
     result = run_labs(args.notebooks or None, profile=args.profile,
                       params=parse_params(args.param), out_dir=args.out,
-                      timeout_s=args.cell_timeout, gpus=args.gpus)
+                      timeout_s=args.cell_timeout, gpus=args.gpus,
+                      progress=lambda line: print(line, flush=True))
     print(f"report: {result.report}")
     if args.publish:
         from labkit.course.publish import publish
