@@ -34,6 +34,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 from labkit.engines.base import Completion, Engine, InvalidRequest, Request, TokenCallback
 
@@ -67,8 +68,6 @@ class ProcessEngine(Engine):
         self.inner = resolve_engine(name)
         self.name = self.inner  # benches and metrics name the engine that generates
         self.tokenizer = load_tokenizer(resolve(model))
-        from multiprocessing.connection import Connection
-
         ours, theirs = socket.socketpair()
         with theirs:
             self._proc = subprocess.Popen(
@@ -126,7 +125,11 @@ class ProcessEngine(Engine):
             self._calls.pop(cid, None)
             raise EngineProcessError(f"cannot reach the {self.inner} engine's process: "
                                      f"{err}") from err
-        call.done.wait()
+        while not call.done.wait(1.0):  # a child that died as this call was made: no hang
+            if not self._receiver.is_alive():
+                self._calls.pop(cid, None)
+                raise self._dead or EngineProcessError(f"the {self.inner} engine's process "
+                                                       f"was closed during the call")
         if call.error is not None:
             raise call.error
         return call.result
@@ -301,7 +304,5 @@ def _rebuilt(name: str, message: str, param: str | None, code: str | None) -> Ba
 
 
 if __name__ == "__main__":  # the child: python -m labkit.engines.process FD
-    from multiprocessing.connection import Connection
-
     _conn = Connection(int(sys.argv[1]))
     _child_main(_conn, *_conn.recv())

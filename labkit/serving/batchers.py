@@ -202,8 +202,10 @@ class DynamicBatcher:
                     handoff.put(_deliver, batch[i], delta, t)
 
             try:
+                streams = any(item.on_delta is not None for item in batch)
                 self._call = asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.engine.generate, [item.request for item in batch], on_token)
+                    self._pool, self.engine.generate, [item.request for item in batch],
+                    on_token if streams else None)  # none streams: no per-token text work
                 completions = await self._call
             except Exception as err:  # the engine failed: every caller in the batch hears why
                 for item in batch:

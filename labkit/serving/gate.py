@@ -92,7 +92,9 @@ class ContinuousGate:
             if on_delta is not None and delta:
                 handoff.put(on_delta, delta, t)
 
-        future = self._pool.submit(self.engine.generate, [request], on_token)
+        # No listener, no per-token callback: the engine then skips its per-token text work.
+        future = self._pool.submit(self.engine.generate, [request],
+                                   on_token if on_delta is not None else None)
         self._running[future] = request
         self.joined.append(len(self._running))
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._release, f))

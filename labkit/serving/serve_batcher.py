@@ -92,8 +92,9 @@ class ServeBatcher:
             if items[i].on_delta is not None and delta:
                 handoff.put(items[i].on_delta, delta, t)
 
+        streams = any(it.on_delta is not None for it in items)
         return await asyncio.to_thread(self.engine.generate, [it.request for it in items],
-                                       on_token)
+                                       on_token if streams else None)
 
     async def aclose(self, timeout_s: float = 30.0) -> None:
         """Stop accepting requests; the batch Serve is running finishes on its own (Serve drains
