@@ -154,3 +154,31 @@ def test_max_wait_counts_from_queueing_not_from_the_end_of_the_previous_batch():
     waited = asyncio.run(main())
     # 0.3 s behind the running batch + 0.4 s of its own run; the old rule added 0.25 s more.
     assert waited < 0.3 + 0.4 + 0.12, waited
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_the_engine_gets_on_token_only_when_a_caller_streams(continuous):
+    """No listener, no per-token callback (the engine then skips its per-token text work);
+    a streaming caller still gets every piece, in both batchers."""
+    from labkit.serving.gate import ContinuousGate
+
+    given: list[bool] = []
+
+    class Recording(FakeEngine):
+        def generate(self, requests, on_token=None):
+            given.append(on_token is not None)
+            return super().generate(requests, on_token)
+
+    engine = Recording(step_s=0, continuous=continuous)
+
+    async def scenario() -> list[str]:
+        batcher = ContinuousGate(engine) if continuous else DynamicBatcher(engine, max_wait_ms=0)
+        pieces: list[str] = []
+        async with batcher:
+            await batcher.submit(Request(prompt="a b c", max_tokens=3))
+            await batcher.submit(Request(prompt="d e f", max_tokens=3),
+                                 lambda delta, _t: pieces.append(delta))
+        return pieces
+
+    assert "".join(asyncio.run(scenario())) == "d e f"
+    assert given == [False, True]

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from labkit.engines.base import Completion, Engine, Request, now
-from labkit.serving.handoff import handoff_for
+from labkit.engines.base import Completion, Engine, Request, TokenCallback, now
+from labkit.serving.handoff import Handoff, handoff_for
 
 MAX_BATCH_SIZE = 16  # requests in one engine call (continuous engines: in the engine at once)
 MAX_WAIT_MS = 10.0  # how long a batch waits for more requests after its first one (ms)
@@ -91,6 +92,22 @@ def check_knobs(max_batch_size: int, max_wait_ms: float, max_queue: int) -> None
         raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
     if max_queue < 1:
         raise ValueError(f"max_queue must be >= 1, got {max_queue!r}")
+
+
+def token_sink(handoff: Handoff, deliveries: Sequence[DeltaCallback | None]
+               ) -> TokenCallback | None:
+    """The ``on_token`` to hand the engine for a batch whose row ``i`` streams its text to
+    ``deliveries[i]`` (None: that row does not stream), each delta passed to the event loop
+    through ``handoff``; None when no row streams, so the engine skips its per-token text work
+    (hf decodes the text per token, a ``ProcessEngine`` sends each token over its socket)."""
+    if all(d is None for d in deliveries):
+        return None
+
+    def on_token(i: int, _tok: int, delta: str, t: float) -> None:
+        if deliveries[i] is not None and delta:
+            handoff.put(deliveries[i], delta, t)
+
+    return on_token
 
 
 def batch_counters(batch_sizes: list[int]) -> dict:
@@ -197,15 +214,12 @@ class DynamicBatcher:
             self._running = batch
             self.batch_sizes.append(len(batch))
 
-            def on_token(i: int, _tok: int, delta: str, t: float, batch=batch) -> None:
-                if batch[i].on_delta is not None and delta:
-                    handoff.put(_deliver, batch[i], delta, t)
-
+            on_token = token_sink(handoff, [
+                functools.partial(_deliver, item) if item.on_delta is not None else None
+                for item in batch])
             try:
-                streams = any(item.on_delta is not None for item in batch)
                 self._call = asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.engine.generate, [item.request for item in batch],
-                    on_token if streams else None)  # none streams: no per-token text work
+                    self._pool, self.engine.generate, [item.request for item in batch], on_token)
                 completions = await self._call
             except Exception as err:  # the engine failed: every caller in the batch hears why
                 for item in batch:

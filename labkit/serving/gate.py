@@ -27,6 +27,7 @@ from labkit.serving.batchers import (
     cancel_on_leave,
     check_knobs,
     drain,
+    token_sink,
 )
 from labkit.serving.handoff import handoff_for
 
@@ -86,15 +87,8 @@ class ContinuousGate:
             self._slots.release()
             raise BatcherClosed("the batcher shut down before this request ran")
         loop = asyncio.get_running_loop()
-        handoff = handoff_for(loop)
-
-        def on_token(_i: int, _tok: int, delta: str, t: float) -> None:
-            if on_delta is not None and delta:
-                handoff.put(on_delta, delta, t)
-
-        # No listener, no per-token callback: the engine then skips its per-token text work.
-        future = self._pool.submit(self.engine.generate, [request],
-                                   on_token if on_delta is not None else None)
+        on_token = token_sink(handoff_for(loop), [on_delta])
+        future = self._pool.submit(self.engine.generate, [request], on_token)
         self._running[future] = request
         self.joined.append(len(self._running))
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._release, f))

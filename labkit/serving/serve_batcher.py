@@ -27,6 +27,7 @@ from labkit.serving.batchers import (
     batch_counters,
     cancel_on_leave,
     check_knobs,
+    token_sink,
 )
 from labkit.serving.handoff import handoff_for
 
@@ -86,15 +87,10 @@ class ServeBatcher:
             item.started = True
         self._waiting -= len(items)
         self.batch_sizes.append(len(items))
-        handoff = handoff_for(asyncio.get_running_loop())
-
-        def on_token(i: int, _tok: int, delta: str, t: float) -> None:
-            if items[i].on_delta is not None and delta:
-                handoff.put(items[i].on_delta, delta, t)
-
-        streams = any(it.on_delta is not None for it in items)
+        on_token = token_sink(handoff_for(asyncio.get_running_loop()),
+                              [it.on_delta for it in items])
         return await asyncio.to_thread(self.engine.generate, [it.request for it in items],
-                                       on_token if streams else None)
+                                       on_token)
 
     async def aclose(self, timeout_s: float = 30.0) -> None:
         """Stop accepting requests; the batch Serve is running finishes on its own (Serve drains
