@@ -1,4 +1,5 @@
-"""Processes on Linux: descendants of a pid, which still run, waiting for them, killing marked ones.
+"""Processes on Linux: descendants of a pid, which still run, waiting for them, killing marked ones,
+stopping a child.
 
 Read from /proc, so nothing is imported to ask. The scale-out lab (Ray, lab 06) uses it to prove
 that what it started is gone; the grader kills what a submission left running by the mark its
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,6 +21,21 @@ def best_effort(fn, default=None):
         return fn()
     except Exception:  # noqa: BLE001 (cleanup paths must go on)
         return default
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 5.0, *,
+                 terminate: bool = True) -> None:
+    """End child ``proc``: SIGTERM (unless ``terminate=False``: it was asked some other way),
+    up to ``timeout_s`` seconds to exit, then SIGKILL. A process already gone is left alone."""
+    if proc.poll() is not None:
+        return
+    if terminate:
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -25,6 +25,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+from labkit.processes import stop_process
+
 CLIENT_BOUND_FRACTION = 0.7  # a run above this share of the ceiling measured the client
 
 
@@ -63,12 +65,7 @@ def zero_compute_server(in_process: bool = False) -> Iterator[str]:
                 time.sleep(0.05)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def measure_ceiling(output_tokens: int = 16, *, num_requests: int = 400, concurrency: int = 32,

@@ -17,6 +17,7 @@ alone, with every listed GPU. Timings of labs that ran side by side share the ho
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import platform
 import re
@@ -113,11 +114,6 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
     sandboxed one, ``labkit.course.kernels.sandboxed_kernel``), else ``local_kernel``'s (IPC
     sockets in a private temp folder, stopped here when the run ends).
     """
-    if kernel_manager is None:
-        with local_kernel(kernel_name or prepare_kernel()) as manager:
-            return execute(src, dst, parameters=parameters, cwd=cwd, cell_timeout_s=cell_timeout_s,
-                           total_timeout_s=total_timeout_s, kernel_name=manager.kernel_name,
-                           kernel_manager=manager)
     import nbformat
     import papermill as pm
 
@@ -130,22 +126,25 @@ def execute(src: str | Path, dst: str | Path, *, parameters: dict, cwd: str | Pa
                   if x is not None]
         return max(1.0, min(limits)) if limits else None
 
-    try:
-        # The kernel starts in ``cwd`` (nbclient's resources path). papermill's own ``cwd=``
-        # would chdir this whole process, which races when labs run side by side in threads.
-        pm.execute_notebook(str(src), str(dst), parameters=parameters,
-                            resources={"metadata": {"path": str(cwd)}},
-                            kernel_name=kernel_name, language="python", progress_bar=False,
-                            log_output=False, km=kernel_manager,
-                            timeout_func=timeout_for, shutdown_kernel="immediate")
-        return Execution(True, time.perf_counter() - t0, Path(dst))
-    except Exception as exc:  # a notebook error, a timeout or a dead kernel: report, go on
-        duration = time.perf_counter() - t0
+    managed = contextlib.nullcontext(kernel_manager) if kernel_manager is not None else \
+        local_kernel(kernel_name or prepare_kernel())
+    with managed as manager:
         try:
-            nb = nbformat.read(str(dst), as_version=4)
-        except Exception:
-            nb = nbformat.v4.new_notebook()
-        return Execution(False, duration, Path(dst), locate_failure(nb, exc))
+            # The kernel starts in ``cwd`` (nbclient's resources path). papermill's own ``cwd=``
+            # would chdir this whole process, which races when labs run side by side in threads.
+            pm.execute_notebook(str(src), str(dst), parameters=parameters,
+                                resources={"metadata": {"path": str(cwd)}},
+                                kernel_name=manager.kernel_name, language="python",
+                                progress_bar=False, log_output=False, km=manager,
+                                timeout_func=timeout_for, shutdown_kernel="immediate")
+            return Execution(True, time.perf_counter() - t0, Path(dst))
+        except Exception as exc:  # a notebook error, a timeout or a dead kernel: report, go on
+            duration = time.perf_counter() - t0
+            try:
+                nb = nbformat.read(str(dst), as_version=4)
+            except Exception:
+                nb = nbformat.v4.new_notebook()
+            return Execution(False, duration, Path(dst), locate_failure(nb, exc))
 
 
 # --------------------------------------------------------------------------- run_labs and report

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from labkit.engines.base import Completion, Engine, InvalidRequest, Request, TokenCallback
+from labkit.processes import stop_process
 
 START_TIMEOUT_S = 900.0  # how long the child may take to build its engine (vLLM: compile, graphs)
 CANCEL_POLL_S = 0.01  # how often the parent looks for cancelled requests (s)
@@ -74,7 +75,7 @@ class ProcessEngine(Engine):
                 [sys.executable, "-m", "labkit.engines.process", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),))
         self._conn = Connection(ours.detach())
-        self._finalizer = weakref.finalize(self, _stop, self._proc)  # also at interpreter exit
+        weakref.finalize(self, stop_process, self._proc, 0)  # also at interpreter exit
         self._conn.send((self.inner, model, kwargs))
         info = self._startup()
         self.continuous, self.max_model_len = info["continuous"], info["max_model_len"]
@@ -96,12 +97,12 @@ class ProcessEngine(Engine):
                 raise EngineProcessError(f"the {self.inner} engine's process exited with code "
                                          f"{self._proc.returncode} before it was ready")
             if time.monotonic() > deadline:
-                _stop(self._proc)
+                stop_process(self._proc, 0)
                 raise EngineProcessError(f"the {self.inner} engine's process was not ready "
                                          f"after {START_TIMEOUT_S:g} s")
         kind, payload = self._conn.recv()
         if kind == "failed":
-            _stop(self._proc)
+            stop_process(self._proc, 10, terminate=False)  # it exits on its own
             raise EngineProcessError(f"the {self.inner} engine failed to start in its process: "
                                      f"{payload}")
         return payload
@@ -184,7 +185,7 @@ class ProcessEngine(Engine):
             self._send(("close",))
         except (OSError, ValueError):
             pass
-        _stop(self._proc, CLOSE_TIMEOUT_S)
+        stop_process(self._proc, CLOSE_TIMEOUT_S, terminate=False)  # asked to close
         self._closed.set()
         self._receiver.join(5)
         self._conn.close()
@@ -274,15 +275,6 @@ def _child_main(conn, name: str, model: str, kwargs: dict) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
         outbox.close()
         engine.close()
-
-
-def _stop(proc: subprocess.Popen, timeout_s: float = 0.0) -> None:
-    """Wait up to ``timeout_s`` for ``proc`` to exit, then kill it."""
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def _portable(err: BaseException) -> tuple:

@@ -44,6 +44,7 @@ import threading
 import time
 from pathlib import Path
 
+from labkit.processes import stop_process
 from labkit.serving.tether import WATCHDOG, die_with_parent, keeper, sweep_stale_dirs
 
 RESTART_BACKOFF_S = (0.05, 5.0)  # first and longest wait between attempts to restart (s)
@@ -203,13 +204,8 @@ class EmbeddedRedis:
     def _halt(self, timeout_s: float = 5.0) -> None:
         """End the process (if it still runs), its watchdog, and remove its folder."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout_s)
         if self._watchdog is not None:
             self._watchdog.stdin.close()
             self._watchdog.wait()
