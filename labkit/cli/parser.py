@@ -10,12 +10,18 @@ import argparse
 
 import labkit.cli.commands as commands
 from labkit.bench.batching import CONTINUOUS_ENGINES
-from labkit.config import DATA_DIR, DEFAULT_MAX_TOKENS, DEFAULT_MODEL, ENGINES, PROFILES
+from labkit.config import (
+    DATA_DIR,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    ENGINES,
+    MAX_BODY_BYTES,
+    PROFILES,
+)
 from labkit.course.assign import RELEASE_DIR, SOURCE_DIR
 from labkit.course.runner import CELL_TIMEOUT_S
 from labkit.metrics import BENCH_KINDS
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
-from labkit.serving.openai_api import MAX_BODY_BYTES
 from labkit.serving.service import DEADLINE_S
 
 
@@ -45,13 +51,12 @@ MODEL_HELP = (f"default: $LABKIT_MODEL, else {DEFAULT_MODEL} (bench serve: the m
               "serves)")
 COUNT = _number(int, at_least=1)
 SECONDS = _number(float, above=0)
+PORT = _number(int, at_least=0, at_most=65535)
 
 
 def _deadline(text: str) -> float | None:
     """``--deadline-s``: seconds (> 0), or ``none`` for no deadline."""
     return None if text.lower() == "none" else SECONDS(text)
-
-PORT = _number(int, at_least=0, at_most=65535)
 
 
 def build_parser() -> argparse.ArgumentParser:

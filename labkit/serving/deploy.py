@@ -38,10 +38,9 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from labkit.config import DEFAULT_MODEL, choose
+from labkit.config import DEFAULT_MODEL, MAX_BODY_BYTES, choose
 from labkit.processes import best_effort, ray_processes, wait_gone
 from labkit.serving.batchers import MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
-from labkit.serving.openai_api import MAX_BODY_BYTES
 from labkit.serving.replica import LabkitReplica, board_key
 from labkit.serving.service import DEADLINE_S
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from labkit.config import DEFAULT_MAX_TOKENS
+from labkit.config import DEFAULT_MAX_TOKENS, MAX_BODY_BYTES
 from labkit.engines.base import SEED_RANGE, InvalidRequest, Request, unicode_text
 from labkit.serving.batchers import BatcherClosed, Overloaded
 from labkit.serving.service import DeadlineExceeded
@@ -38,7 +38,6 @@ from labkit.serving.service import DeadlineExceeded
 log = logging.getLogger(__name__)
 
 MAX_TOKENS_LIMIT = 4096
-MAX_BODY_BYTES = 1 << 20  # 1 MiB: many times the longest prompt the bundled model's context holds
 ALLOWED = {  # what an error message says a field accepts
     "max_tokens": f"an integer in [1, {MAX_TOKENS_LIMIT}]",
     "max_completion_tokens": f"an integer in [1, {MAX_TOKENS_LIMIT}]",

@@ -17,9 +17,9 @@ import json
 import os
 import time
 
+from labkit.config import MAX_BODY_BYTES
 from labkit.serving.build import build_service
 from labkit.serving.http import create_app
-from labkit.serving.openai_api import MAX_BODY_BYTES
 from labkit.serving.redis_server import get_client
 from labkit.serving.serve_batcher import ServeBatcher
 from labkit.serving.service import DEADLINE_S
