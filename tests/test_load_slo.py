@@ -109,6 +109,30 @@ def test_littles_law_holds_for_the_counted_requests_in_the_system():
     assert run["burstiness"] == 1.0 and set(run["late_s"]) == {"mean", "p50", "p90", "p99"}
 
 
+def test_littles_law_counts_the_requests_a_server_sheds_with_the_answered_ones():
+    """A server that rejects every third request after a long wait (a deadline): the answered
+    requests alone under-count the system, every request sent does not; the statistics and
+    goodput are over the answered ones, the rejected ones count as ``failed``."""
+    from labkit.bench.client import HTTPCompletion
+
+    answered = QueueServer(service_s=0.01)
+
+    async def send(request: Request):
+        if int(request.request_id[1:]) % 3:
+            return await answered.send(request)
+        start = now()
+        await asyncio.sleep(0.08)
+        return HTTPCompletion(request.request_id, "", 0, 0, None, start, end_s=now(),
+                              status=504, error="deadline exceeded")
+
+    result = asyncio.run(loadgen.open_loop(send, requests(45), 100.0, seed=2))
+    run = result.summary("open", slo={"e2e_s": 1.0})
+    assert run["failed"] == 15 and run["num_requests"] == 30 and run["slo_attainment"] == 2 / 3
+    answered_only = run["requests_per_s"] * run["e2e_s"]["mean"]
+    assert run["mean_in_system"] == pytest.approx(run["throughput_x_time_in_system"], rel=0.05)
+    assert answered_only < 0.5 * run["mean_in_system"]  # 15 x 80 ms against 30 x ~10 ms
+
+
 def test_closed_loop_in_system_count_is_its_concurrency_when_the_server_keeps_up():
     server = QueueServer(service_s=0.01)
     run = asyncio.run(loadgen.closed_loop(server.send, requests(40), 4)).summary("closed")

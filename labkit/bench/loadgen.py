@@ -59,16 +59,24 @@ class LoadResult:
     max_concurrency: int | None = None
 
     def summary(self, name: str, slo: dict[str, float] | None = None, **extra) -> dict:
-        """One ``runs[]`` entry of the bench JSON contract (``labkit.metrics.summarize``) plus
-        the load generator's ``max_in_flight`` and ``mean_in_system`` (requests); open loop adds
+        """One ``runs[]`` entry of the bench JSON contract (``labkit.metrics.summarize``) over
+        the answered requests, plus ``failed`` (requests whose completion has an ``error``: an
+        HTTP rejection, a deadline), the load generator's ``max_in_flight`` and
+        ``mean_in_system`` (requests), and ``throughput_x_time_in_system``: every request that
+        left the system (answered or failed) per second times their mean time in it, Little's
+        L = throughput x W computed from per-request times (requests; equal to
+        ``mean_in_system`` when the load generator's clock is right). Open loop adds
         ``burstiness``, ``max_concurrency`` and ``late_s`` (STATS of the dispatch lateness, s)."""
-        fields = {"max_in_flight": self.max_in_flight, "mean_in_system": self.mean_in_system}
+        answered = [c for c in self.completions if getattr(c, "error", None) is None]
+        in_system_s = sum(c.end_s - c.start_s for c in self.completions)
+        fields = {"max_in_flight": self.max_in_flight, "mean_in_system": self.mean_in_system,
+                  "throughput_x_time_in_system": in_system_s / self.duration_s}
         if self.request_rate is not None:
             fields.update(burstiness=self.burstiness, max_concurrency=self.max_concurrency,
                           late_s=stats(self.late_s))
-        return summarize(self.completions, self.duration_s, name=name,
-                         concurrency=self.concurrency, request_rate=self.request_rate, slo=slo,
-                         **fields, **extra)
+        return summarize(answered, self.duration_s, name=name, concurrency=self.concurrency,
+                         request_rate=self.request_rate, slo=slo,
+                         failed=len(self.completions) - len(answered), **fields, **extra)
 
 
 class _Count:
