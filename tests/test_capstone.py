@@ -88,6 +88,26 @@ def unfinished(engine):
     raise NotImplementedError("Exercise: implement unfinished()")
 
 
+# --------------------------------------------------------------------------- the engine
+def test_the_capstone_runs_vllm_batch_invariant_in_its_own_process(monkeypatch):
+    """The gate compares answers token by token, so vLLM runs with its batch-invariant kernels,
+    set in a child's environment before vLLM is imported there; hf runs here in fp32."""
+    import labkit.engines
+    from labkit.bench import capstone
+
+    built: list[tuple] = []
+    monkeypatch.setattr(labkit.engines, "ProcessEngine",
+                        lambda *args, **kwargs: built.append(("process", args, kwargs)))
+    monkeypatch.setattr(labkit.engines, "get_engine",
+                        lambda *args, **kwargs: built.append(("here", args, kwargs)))
+    capstone.capstone_engine("vllm", enable_prefix_caching=True)
+    capstone.capstone_engine("hf")
+    assert built == [
+        ("process", ("vllm", "smollm2-135m"), {"env": {"VLLM_BATCH_INVARIANT": "1"},
+                                              "dtype": "float32", "enable_prefix_caching": True}),
+        ("here", ("hf",), {"model": "smollm2-135m", "dtype": "float32"})]
+
+
 # --------------------------------------------------------------------------- statistics
 def test_spread_is_min_median_max_of_the_trials():
     s = spread([3.0, 1.0, 2.0, 10.0])

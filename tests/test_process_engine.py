@@ -128,3 +128,27 @@ def test_a_dead_child_fails_its_callers_at_once():
 def test_an_engine_that_cannot_start_is_one_clear_error():
     with pytest.raises(EngineProcessError, match="failed to start in its process: .*nosuch"):
         ProcessEngine("hf", MODEL, dtype="nosuch")
+
+
+def test_env_is_added_to_the_childs_environment(monkeypatch):
+    """What ``env`` names is in the child's environment from its start (vLLM reads
+    ``VLLM_BATCH_INVARIANT`` when it is imported), on top of this process's own."""
+    from labkit.engines import process
+
+    seen: dict = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(args, **kwargs):
+        seen.update(kwargs)
+        raise Started
+
+    monkeypatch.setattr(process.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        ProcessEngine("hf", MODEL, env={"VLLM_BATCH_INVARIANT": "1"})
+    assert seen["env"]["VLLM_BATCH_INVARIANT"] == "1"
+    assert seen["env"]["PATH"] == os.environ["PATH"]
+    with pytest.raises(Started):
+        ProcessEngine("hf", MODEL)
+    assert seen["env"] is None  # no env: the child inherits this process's as it is

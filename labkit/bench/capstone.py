@@ -15,8 +15,7 @@ builds its own, so a cache starts empty and no trial profits from the one before
 - ``spread`` and ``speedup_range``: min / median / max of repeated trials, and the speed-up of
   one set of trials over another as (worst, median, best).
 - ``quality_gate(answers, reference, engine)``: do the answers agree with the baseline's? Exactly,
-  or parted at a floating-point near-tie (``labkit.equivalence``; lab 02); anything else counts
-  as wrong.
+  or (hf) parted at a near-tie (lab 02); on ``capstone_engine``'s batch-invariant vLLM, exactly.
 
 The baseline's trials are measured once per engine in a process (``baseline_measurement``), so
 every comparison in a run is against the same ones. The ledger of steps is
@@ -32,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from labkit.config import by_profile, choose
+from labkit.config import BUNDLED_MODEL, by_profile, choose
 from labkit.engines.base import Completion, Engine, Request, encode_request
 from labkit.engines.counting import CountingEngine
 from labkit.metrics import summarize
@@ -41,6 +40,7 @@ from labkit.serving.baseline import APP_MAX_TOKENS, BaselineApp
 SPEEDUP_THRESHOLDS = {"ci": 1.5, "full": 3.0}  # final over baseline throughput, for full points
 DEFAULT_TRIALS = {"ci": 3, "full": 5}  # trials per step in the notebook
 ENGINE_DTYPE = "float32"  # answers are compared token by token: batched bf16 parts far more often
+BATCH_INVARIANT_ENV = {"VLLM_BATCH_INVARIANT": "1"}  # vLLM's kernels that ignore the batch shape
 MAX_TOLERANCE = 0.25  # the largest share of changed answers a ledger step may state it accepts
 CI_PROMPTS = ("What does a CPU cache do?", "What is the capital of France?",
               "List three prime numbers.")
@@ -121,9 +121,20 @@ def capstone_workload(profile: str) -> CapstoneWorkload:
 
 
 def default_engine(profile: str) -> str:
-    """The engine a profile uses: ``hf`` in ci (CPU-friendly), ``auto`` in full (vLLM on a GPU
-    where it is installed, else hf)."""
+    """The engine a profile uses: ``hf`` in ci, ``auto`` in full (vLLM on a GPU, else hf)."""
     return by_profile(profile, ci="hf", full="auto")
+
+
+def capstone_engine(name: str, model: str = BUNDLED_MODEL, **kwargs) -> Engine:
+    """``get_engine(name, model, **kwargs)`` in ``ENGINE_DTYPE``, the engine the capstone measures
+    and grades on. vLLM runs in a child process with ``BATCH_INVARIANT_ENV`` (read at import):
+    its default kernels depend on the batch shape, so an answer could change with its batch
+    (lab 02) and the gate fail a cache that changed nothing; hf's partings get a near-tie check."""
+    from labkit.engines import ProcessEngine, get_engine, resolve_engine
+
+    if resolve_engine(name) == "vllm":
+        return ProcessEngine("vllm", model, env=BATCH_INVARIANT_ENV, dtype=ENGINE_DTYPE, **kwargs)
+    return get_engine(name, model=model, dtype=ENGINE_DTYPE, **kwargs)
 
 
 # --------------------------------------------------------------------------- trials

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from labkit.bench.capstone import (
-    ENGINE_DTYPE,
     SPEEDUP_THRESHOLDS,
     AppFactory,
     baseline_measurement,
+    capstone_engine,
     capstone_workload,
     default_engine,
     measure,
@@ -47,12 +47,10 @@ _FINALS: dict[tuple, FinalGrade] = {}  # (build_final_app, profile, engine) -> i
 
 
 def grader_engine(profile: str) -> Engine:
-    """The grader's own engine for a profile (``default_engine``, the bundled model, in
-    ``ENGINE_DTYPE``), built once per process and warmed up."""
-    from labkit.engines import get_engine
-
+    """The grader's own engine for a profile (``capstone_engine(default_engine(profile))``: the
+    bundled model in ``ENGINE_DTYPE``), built once per process and warmed up."""
     if profile not in _ENGINES:
-        _ENGINES[profile] = get_engine(default_engine(profile), dtype=ENGINE_DTYPE)
+        _ENGINES[profile] = capstone_engine(default_engine(profile))
         _ENGINES[profile].warmup()
     return _ENGINES[profile]
 

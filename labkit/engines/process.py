@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -59,9 +60,13 @@ class _Call:
 
 
 class ProcessEngine(Engine):
-    """``get_engine(name, model, **kwargs)`` run in a child process (see module doc)."""
+    """``get_engine(name, model, **kwargs)`` run in a child process (see module doc).
 
-    def __init__(self, name: str, model: str, **kwargs) -> None:
+    ``env``: variables added to the child's environment, in place before it imports anything
+    (settings a library reads once at import, such as vLLM's ``VLLM_BATCH_INVARIANT``)."""
+
+    def __init__(self, name: str, model: str, *, env: Mapping[str, str] | None = None,
+                 **kwargs) -> None:
         from labkit.engines.registry import resolve_engine
         from labkit.models import load_tokenizer, resolve
 
@@ -73,7 +78,7 @@ class ProcessEngine(Engine):
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "labkit.engines.process", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),))
+                pass_fds=(theirs.fileno(),), env={**os.environ, **env} if env else None)
         self._conn = Connection(ours.detach())
         weakref.finalize(self, stop_process, self._proc, 0)  # also at interpreter exit
         self._conn.send((self.inner, model, kwargs))
