@@ -164,5 +164,7 @@ def test_quant_bench_follows_the_contract_and_skips_what_cannot_run():
             assert key in run, (name, key)
         assert set(run["ttft_s"]) == {"mean", "p50", "p90", "p99"}
         assert run["output_tokens"] == 3
+        assert 0 < run["duration_s"] < run["measure_s"]  # its timed decodes are part of it
+    assert "measure_s" not in runs["int4-wo"]  # skipped before any work
     assert runs["fp32"]["agreement"] == 1.0  # the reference agrees with itself
     assert runs["int8-channel"]["weight_bytes"] < 0.51 * runs["int8-channel"]["fp16_weight_bytes"]

@@ -17,6 +17,7 @@ Used by the quantization lab (lab 04); a method that cannot run here is a ``skip
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from functools import partial
 
@@ -53,8 +54,9 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
     of the target linear layers, ``perplexity`` on the evaluation text (first
     ``max_eval_tokens`` tokens), batch-1 greedy decode tokens/s over ``b1_requests`` requests of
     ``decode_tokens`` tokens (after a warm-up; the contract's latency fields come from these),
-    ``decode_tokens_per_s_large`` at ``large_batch``, and ``agreement`` with the fp32 model's
-    greedy tokens. Pruning rows add ``pruning_fields``. Default methods: every default of
+    ``decode_tokens_per_s_large`` at ``large_batch``, ``agreement`` with the fp32 model's
+    greedy tokens, and ``measure_s``: the wall time it took to quantize and measure it (s).
+    Pruning rows add ``pruning_fields``. Default methods: every default of
     ``labkit.quant_methods`` and of ``labkit.prune``. A method that cannot run here, or fails, is
     a run with ``"skipped": reason``.
     """
@@ -86,7 +88,7 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
         if reason is not None:
             runs.append({"name": name, "description": method.description, "skipped": reason})
             continue
-        qmodel = None
+        qmodel, start = None, time.perf_counter()
         try:
             qmodel = method.apply(copy.deepcopy(base))
             run = _measure(qmodel, tok, ids, reference, window, stride, decode_tokens,
@@ -94,13 +96,14 @@ def run_quant_bench(model: str = DEFAULT_MODEL, methods: Iterable[str] | None = 
             run.update(name=name, description=method.description)
             if prune.is_method(name):
                 run.update(pruning_fields(qmodel, name))
-            runs.append(run)
         except Exception as err:  # noqa: BLE001 - one broken method never stops the table
-            runs.append({"name": name, "description": method.description,
-                         "skipped": f"failed here: {type(err).__name__}: {err}"})
+            run = {"name": name, "description": method.description,
+                   "skipped": f"failed here: {type(err).__name__}: {err}"}
         finally:
             del qmodel
             gc.collect()
+        run["measure_s"] = time.perf_counter() - start  # applying and measuring it, wall time
+        runs.append(run)
     return bench_document("quant", runs, engine="hf", model=model, device=_device_label(dev),
                           settings=settings)
 
@@ -209,6 +212,7 @@ def bench_table(doc: dict):
             "tok/s b1": r.get("decode_tokens_per_s_b1", nan),
             f"tok/s b{big}": r.get("decode_tokens_per_s_large", nan),
             "agreement": r.get("agreement", nan),
+            "measure_s": r.get("measure_s", nan),
         }
         if pruned:
             row.update(sparsity=r.get("sparsity", nan),
