@@ -196,8 +196,10 @@ class VLLMEngine(Engine):
                           start_s=start, token_times_s=times, end_s=end)
 
     def close(self) -> None:
-        """Stop the step thread, shut the engine core down and free its GPU memory, so a second
-        engine can start in the same process (vLLM's own tests do the same between LLMs)."""
+        """Stop the step thread, shut the engine core down and free its GPU memory (vLLM's own
+        tests do the same between LLMs). A second engine started in this process afterwards can
+        still fail to capture its CUDA graphs (PyTorch's ``use_count > 0`` allocator assert on an
+        H200: vLLM keeps one graph memory pool per process); start it as a ``ProcessEngine``."""
         if self._closed.is_set():
             return
         self._closed.set()
